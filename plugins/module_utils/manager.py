@@ -188,6 +188,7 @@ class ContainerManager:
 
     def _create_in_runtime(self, container: Container, cgroup_parent: str) -> None:
         """Write a fresh bundle, have the runtime create the container, persist its state."""
+        self.paths.ensure_roots()  # the run root is gone after a reboot
         self._write_bundle(container)
         container.state = ContainerState(id=container.id, created=now())
         self.runtime.create_container(container, cgroup_parent)
@@ -263,7 +264,12 @@ class ContainerManager:
             if status == CONTAINER_STATE_PAUSED:
                 self._unpause_locked(container)
             if status == CONTAINER_STATE_CREATED:
-                grace = 0.0  # the init process waits on the exec FIFO: nothing to shut down gracefully
+                # Never started: its init waits on the exec FIFO. Deleting it from the runtime is
+                # the one way that works on every runtime (runsc keeps its sandbox after a kill).
+                self.runtime.delete_container(container)
+                self.runtime.wait_container_state_stopped(container)
+                self.files.save_state(container)
+                return True
         try:
             self.runtime.stop_container(container, grace)
         except ContainerStoppedError:

@@ -138,6 +138,9 @@ class OciRuntime(RuntimeImpl):
         except TimeoutError as exc:
             raise CreateTimeoutError("create container timeout: no pid from the runtime within {:.0f} s"
                                      .format(timeout)) from exc
+        except ConmonError as exc:
+            detail = spawned.stderr_text()
+            raise ConmonError("{}{}".format(exc, "; conmon said: " + detail if detail else "")) from exc
         pid = message.get("pid")
         if not isinstance(pid, int) or pid <= 0:
             raise self._create_failure(str(message.get("message") or "").strip())
@@ -174,8 +177,9 @@ class OciRuntime(RuntimeImpl):
     def start_container(self, container: Container) -> None:
         if container.is_spoofed:
             return
+        started = now()  # before the call: a fast process can exit before the runtime returns
         self.run_runtime("start", container.id)
-        container.state.started = now()
+        container.state.started = started
 
     def signal_container(self, container: Container, signum: int) -> None:
         if container.is_spoofed:

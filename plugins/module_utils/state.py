@@ -25,7 +25,7 @@ from ansible_collections.daemonless.oci.plugins.module_utils.errors import (
     LockTimeoutError,
     OciError,
 )
-from ansible_collections.daemonless.oci.plugins.module_utils.ids import validate_id, validate_name
+from ansible_collections.daemonless.oci.plugins.module_utils.ids import GENERATED_ID_BYTES, validate_id, validate_name
 
 DEFAULT_RUN_ROOT = "/run/daemonless-oci"
 DEFAULT_PERSIST_ROOT = "/var/lib/daemonless-oci"
@@ -62,8 +62,17 @@ def atomic_write_json(path: str, document: Any) -> None:
 
 
 def make_private_dir(path: str) -> None:
-    """mkdir -p with mode 0700 for every directory it creates."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """mkdir -p with mode 0700 for every directory it creates (os.makedirs applies it to the leaf only)."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue
 
 
 class FileLock:
@@ -181,14 +190,16 @@ class StatePaths:
 
     def ensure_roots(self) -> None:
         """Create both roots and their fixed subdirectories, root-only."""
+        longest = self.attach_socket("0" * 2 * GENERATED_ID_BYTES)
+        if len(longest) > UNIX_SOCKET_PATH_MAX:
+            raise OciError("run root {} is too long: conmon's attach socket path {} would exceed the {}-byte "
+                           "limit of unix socket paths".format(self.run_root, longest, UNIX_SOCKET_PATH_MAX))
         for path in (os.path.join(self.persist_root, "containers"), os.path.join(self.persist_root, "names"),
                      os.path.join(self.run_root, "containers"), self.exits_dir, self.attach_dir,
                      os.path.join(self.run_root, "locks")):
             make_private_dir(path)
-        longest = self.attach_socket("0" * 64)
-        if len(longest) > UNIX_SOCKET_PATH_MAX:
-            raise OciError("run root {} is too long: conmon's attach socket path {} would exceed the {}-byte "
-                           "limit of unix socket paths".format(self.run_root, longest, UNIX_SOCKET_PATH_MAX))
+        for root in (self.run_root, self.persist_root):
+            os.chmod(root, 0o700)  # state and logs are for root only, whoever made the directory
 
 
 class ContainerFiles:

@@ -1,0 +1,125 @@
+"""Fixtures for tests that drive real conmon and real runc, crun and runsc (as root).
+
+* ``busybox_rootfs``: a root filesystem made from Debian's busybox-static, once per session.
+* ``handler``: parametrises a test over runc, crun and runsc. crun 1.8 refuses this machine
+  kind's hybrid cgroup layout, so its handler points at a wrapper that runs crun in a private
+  mount namespace where the cgroup2 mount lists no controller (tests/tools/crun-private-ns.sh);
+  the host's mounts stay as they are for every other process.
+* ``manager``: a ContainerManager on private run/persist roots; every container it made is
+  removed at teardown, whatever the test did.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Dict, Iterator, List
+
+import pytest
+
+from ansible_collections.daemonless.oci.plugins.module_utils.manager import ContainerManager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOOLS = os.path.join(os.path.dirname(HERE), "tools")
+HANDLERS = ("runc", "crun", "runsc")
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: these tests run real container runtimes")
+
+
+def build_busybox_rootfs(target: str) -> str:
+    """A minimal root filesystem: static busybox, its applets, and the files services expect."""
+    busybox = shutil.which("busybox")
+    if not busybox:
+        pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
+    for directory in ("bin", "proc", "sys", "dev", "tmp", "etc", "root", "var/www", "run"):
+        os.makedirs(os.path.join(target, directory), exist_ok=True)
+    shutil.copy(busybox, os.path.join(target, "bin", "busybox"))
+    applets = subprocess.check_output([busybox, "--list"]).decode().split()
+    for applet in applets:
+        if applet != "busybox":
+            os.symlink("busybox", os.path.join(target, "bin", applet))
+    with open(os.path.join(target, "etc", "passwd"), "w") as handle:
+        handle.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+                     "app:x:1000:1000:app:/tmp:/bin/sh\n")
+    with open(os.path.join(target, "etc", "group"), "w") as handle:
+        handle.write("root:x:0:\nnogroup:x:65534:\napp:x:1000:\n")
+    os.chmod(os.path.join(target, "tmp"), 0o1777)
+    return target
+
+
+@pytest.fixture(scope="session")
+def work_root() -> Iterator[str]:
+    _require_root()
+    root = tempfile.mkdtemp(prefix="dloci-ft-", dir="/tmp")
+    os.chmod(root, 0o700)
+    yield root
+    subprocess.run(["bash", os.path.join(TOOLS, "crun-private-ns.sh"), "teardown", os.path.join(root, "crun-ns")],
+                   check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(work_root: str) -> str:
+    return build_busybox_rootfs(os.path.join(work_root, "rootfs"))
+
+
+@pytest.fixture(scope="session")
+def runtime_config(work_root: str) -> str:
+    """A configuration with the three handlers this machine can run."""
+    handlers: Dict[str, Dict[str, object]] = {}
+    if shutil.which("runc"):
+        handlers["runc"] = {"runtime_path": shutil.which("runc")}
+    if shutil.which("crun"):
+        wrapper = subprocess.check_output(
+            ["bash", os.path.join(TOOLS, "crun-private-ns.sh"), "setup", os.path.join(work_root, "crun-ns")]
+        ).decode().strip()
+        handlers["crun"] = {"runtime_path": wrapper}
+    if shutil.which("runsc"):
+        handlers["runsc"] = {"runtime_path": shutil.which("runsc"),
+                             "runtime_args": ["--platform=ptrace", "--network=none"]}
+    path = os.path.join(work_root, "runtimes.json")
+    with open(path, "w") as handle:
+        json.dump({"runtimes": handlers, "default_runtime": "runc"}, handle)
+    return path
+
+
+@pytest.fixture(params=HANDLERS)
+def handler(request: pytest.FixtureRequest, runtime_config: str) -> str:
+    with open(runtime_config) as handle:
+        if request.param not in json.load(handle)["runtimes"]:
+            pytest.skip("{} is not installed".format(request.param))
+    return request.param
+
+
+def make_manager(config_path: str, root: str) -> ContainerManager:
+    return ContainerManager.from_config(config_path, overrides={
+        "run_root": os.path.join(root, "run"), "persist_root": os.path.join(root, "lib")})
+
+
+@pytest.fixture
+def state_root(work_root: str) -> Iterator[str]:
+    root = tempfile.mkdtemp(prefix="t", dir=work_root)
+    yield root
+
+
+@pytest.fixture
+def manager(runtime_config: str, state_root: str) -> Iterator[ContainerManager]:
+    mgr = make_manager(runtime_config, state_root)
+    yield mgr
+    remove_all(mgr)
+
+
+def remove_all(mgr: ContainerManager) -> List[str]:
+    """Remove every container a manager knows; returns the errors met (teardown must not hide leaks)."""
+    errors = []
+    for container in mgr.list():
+        try:
+            mgr.remove(container, timeout=0)
+        except Exception as exc:  # noqa: BLE001 - teardown collects every failure
+            errors.append("{}: {}".format(container.name, exc))
+    return errors
