@@ -270,11 +270,14 @@ class ContainerManager:
                 self.runtime.wait_container_state_stopped(container)
                 self.files.save_state(container)
                 return True
+            stopping = (container.state.init_pid, container.state.init_start_time)
         try:
             self.runtime.stop_container(container, grace)
         except ContainerStoppedError:
             pass
         with self.locked(container):
+            if (container.state.init_pid, container.state.init_start_time) != stopping:
+                return True  # another run re-created it meanwhile: the instance we stopped is gone
             self.runtime.wait_container_state_stopped(container)
             self.files.save_state(container)
         return True
@@ -333,6 +336,28 @@ class ContainerManager:
             spec = container.spec()
             spec.setdefault("linux", {}).setdefault("resources", {}).update(resources)
             container.set_spec(spec)
+            self.files.save_config(container)
+
+    def update_metadata(self, container: Container, *, labels: Optional[Dict[str, str]] = None,
+                        stop_signal: Any = None, stop_timeout: Optional[float] = None,
+                        extras: Optional[Dict[str, Any]] = None) -> None:
+        """Change settings read only at stop time or by callers (labels, stop signal and timeout, extras).
+
+        The running container is not touched: these never go into the OCI config. ``stop_signal``
+        ``""`` resets it to the default (SIGTERM); ``None`` leaves any argument as it is.
+        """
+        if stop_timeout is not None and stop_timeout < 0:
+            raise ValidationError("stop_timeout must be zero or positive, got {}".format(stop_timeout))
+        signal_text = None if stop_signal is None else ("" if stop_signal == "" else str(parse_signal(stop_signal)))
+        with self.locked(container):
+            if labels is not None:
+                container._labels = dict(labels)
+            if signal_text is not None:
+                container._stop_signal = signal_text
+            if stop_timeout is not None:
+                container.extras["stop_timeout"] = float(stop_timeout)
+            if extras:
+                container.extras.update(extras)
             self.files.save_config(container)
 
     def signal(self, container: Container, signum: Any) -> None:

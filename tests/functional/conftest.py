@@ -123,3 +123,17 @@ def remove_all(mgr: ContainerManager) -> List[str]:
         except Exception as exc:  # noqa: BLE001 - teardown collects every failure
             errors.append("{}: {}".format(container.name, exc))
     return errors
+
+
+@pytest.fixture
+def manager_for(state_root: str) -> Iterator:
+    """Build managers for ad-hoc configurations; their containers are removed at teardown."""
+    made: List[ContainerManager] = []
+
+    def build(config_path: str) -> ContainerManager:
+        made.append(make_manager(config_path, state_root))
+        return made[-1]
+
+    yield build
+    for mgr in made:
+        remove_all(mgr)
