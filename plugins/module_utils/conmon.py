@@ -170,7 +170,7 @@ def read_sync_message(sock: socket.socket, timeout: float) -> Dict[str, Any]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("conmon sent no message within {:.0f} s".format(timeout))
-        readable, _, _ = select.select([sock], [], [], remaining)
+        readable = select.select([sock], [], [], remaining)[0]
         if not readable:
             continue
         chunk = sock.recv(65536)
