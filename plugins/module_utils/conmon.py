@@ -38,12 +38,26 @@ def conmon_version(conmon: str) -> Tuple[int, int, int]:
     return int(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
-def require_supported_version(conmon: str) -> None:
-    """Refuse conmons older than 2.0.21, whose exec timeout could kill every process on the host."""
+def require_supported_version(conmon: str, cache_dir: str) -> None:
+    """Refuse conmons older than 2.0.21, whose exec timeout could kill every process on the host.
+
+    The answer is cached in ``cache_dir`` under the binary's identity (inode, size, mtime), so
+    only the first create after conmon changes pays for running it.
+    """
+    try:
+        info = os.stat(conmon)
+    except OSError as exc:
+        raise ConfigError("conmon {} is missing: {}".format(conmon, exc)) from exc
+    key = "conmon-ok-{}-{}-{}".format(info.st_ino, info.st_size, info.st_mtime_ns)
+    marker = os.path.join(cache_dir, key)
+    if os.path.exists(marker):
+        return
     version = conmon_version(conmon)
     if version < MIN_CONMON_VERSION:
         raise ConfigError("conmon {} is version {}; at least {} is required".format(
             conmon, ".".join(map(str, version)), ".".join(map(str, MIN_CONMON_VERSION))))
+    with open(marker, "w", encoding="ascii") as handle:
+        handle.write(".".join(map(str, version)))
 
 
 @dataclass

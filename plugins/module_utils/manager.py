@@ -193,7 +193,7 @@ class ContainerManager:
         container.state = ContainerState(id=container.id, created=now())
         self.runtime.create_container(container, cgroup_parent)
         self.files.save_config(container)  # create may record conmon's cgroup
-        self.runtime.update_container_status(container)
+        self._settle_status(container, CONTAINER_STATE_CREATED)
         container.set_created()
         self.files.save_state(container)
 
@@ -212,6 +212,18 @@ class ContainerManager:
                 os.unlink(stale)
             except FileNotFoundError:
                 pass
+
+    def _settle_status(self, container: Container, expected: str) -> None:
+        """Record the status a successful runtime call implies, without asking the runtime again.
+
+        The runtime just confirmed the transition; if our verified init process still runs, the
+        container is in ``expected``. If it is gone (a process that exits at once), the full
+        status update finds out how it ended.
+        """
+        if container.is_alive():
+            container.state.status = expected
+        else:
+            self.runtime.update_container_status(container)
 
     # start
     def start(self, container: Container) -> bool:
@@ -243,7 +255,7 @@ class ContainerManager:
             container.set_start_failed(exc)
             self.files.save_state(container)
             raise
-        self.runtime.update_container_status(container)
+        self._settle_status(container, CONTAINER_STATE_RUNNING)
         self.files.save_state(container)
 
     def _recreate_locked(self, container: Container) -> None:
@@ -309,7 +321,7 @@ class ContainerManager:
                 raise InvalidStateError("container {} is {}: only a running container can be paused".format(
                     container.name, status))
             self.runtime.pause_container(container)
-            self.runtime.update_container_status(container)
+            self._settle_status(container, CONTAINER_STATE_PAUSED)
             self.files.save_state(container)
             return True
 
@@ -323,7 +335,7 @@ class ContainerManager:
 
     def _unpause_locked(self, container: Container) -> None:
         self.runtime.unpause_container(container)
-        self.runtime.update_container_status(container)
+        self._settle_status(container, CONTAINER_STATE_RUNNING)
         self.files.save_state(container)
 
     # other operations

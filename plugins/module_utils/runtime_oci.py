@@ -80,7 +80,7 @@ class OciRuntime(RuntimeImpl):
     def create_container(self, container: Container, cgroup_parent: str) -> None:
         if container.is_spoofed:
             return
-        conmon.require_supported_version(self.snapshot.conmon)
+        conmon.require_supported_version(self.snapshot.conmon, self.paths.run_root)
         os.makedirs(self.snapshot.runtime_root, mode=0o700, exist_ok=True)
         options = self._create_options(container)
         stderr_path = os.path.join(os.path.dirname(container.bundle_path), "conmon.stderr")
@@ -237,6 +237,8 @@ class OciRuntime(RuntimeImpl):
         state = container.state
         if state.exit_code is not None and state.finished is not None:
             return
+        if state.init_pid > 0 and not container.is_alive() and self._stopped_from_exit_file(container):
+            return
         result = self.run_runtime("state", container.id, check=False)
         if result.returncode != 0:
             self._mark_lost(container, result)
@@ -256,6 +258,21 @@ class OciRuntime(RuntimeImpl):
             return
         self._apply_exit(container, decoded)
         container.state = decoded
+
+    def _stopped_from_exit_file(self, container: Container) -> bool:
+        """Our verified init process is gone, so the container has stopped: take conmon's record.
+
+        This saves a ``runtime state`` call on every stop; when conmon left no record the caller
+        falls back to asking the runtime, as the reference always does.
+        """
+        self._wait_for_exit_file(container)
+        decoded = container.state.copy()
+        decoded.status = CONTAINER_STATE_STOPPED
+        decoded.pid = 0
+        if not self._read_exit(container, decoded):
+            return False
+        container.state = decoded
+        return True
 
     def _mark_lost(self, container: Container, result: CompletedCommand) -> None:
         """The runtime no longer knows the container (deleted, reboot, crash): it is stopped."""
