@@ -376,7 +376,7 @@ class OciRuntime(RuntimeImpl):
 
     def port_forward_container(self, container: Container, netns_path: str, port: int, stream: Any) -> None:
         from ansible_collections.daemonless.oci.plugins.module_utils import attach
-        attach.port_forward(container, netns_path, port, stream)
+        attach.port_forward(self, container, netns_path, port, stream)
 
 
 def _kill_and_reap(spawned: conmon.SpawnedConmon) -> None:
