@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import json
 import os
 import re
@@ -39,7 +40,9 @@ import select
 import shutil
 import signal
 import stat
+import struct
 import tempfile
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -255,7 +258,7 @@ class TaskClient:
 
     @classmethod
     def dial(cls, address: str, namespace: str, dial_timeout: Optional[float] = 10.0,
-                call_timeout: Optional[float] = DEFAULT_CALL_TIMEOUT) -> "TaskClient":
+             call_timeout: Optional[float] = DEFAULT_CALL_TIMEOUT) -> "TaskClient":
         """Dial a shim address (any of the three forms) and return a client for its Task service."""
         return cls(TtrpcClient.connect(address, namespace=namespace, dial_timeout=dial_timeout), call_timeout)
 
@@ -589,9 +592,9 @@ class _FifoPump:
         try:
             while by_fd:
                 events = poller.poll()
-                if any(fd == self._wake_r for fd, _ in events):
+                if any(fd == self._wake_r for fd, _mask in events):
                     return
-                for fd, _ in events:
+                for fd, _mask in events:
                     if fd in by_fd and not self._read_once(fd, by_fd[fd]):
                         poller.unregister(fd)
                         self._done[by_fd.pop(fd)].set()
@@ -778,6 +781,16 @@ class ProcessIO:
         while view:
             view = view[os.write(self._stdin_fd, view):]
 
+    def stdin_pending(self) -> int:
+        """Bytes written to stdin that the shim has not read yet (0 once drained or closed).
+
+        ``CloseIO`` makes the runc shim close its FIFO reader at once, dropping what is still in
+        the pipe; callers wait for 0 here before sending it.
+        """
+        if self._stdin_fd is None:
+            return 0
+        return struct.unpack("i", fcntl.ioctl(self._stdin_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
     def close_stdin(self) -> None:
         """Close our end of stdin; pair with ``TaskClient.close_io`` so the process sees EOF."""
         if self._stdin_fd is not None:
@@ -929,7 +942,7 @@ def parse_shim_address(output: bytes) -> str:
 def start_shim(shim_path: str, bundle_dir: str, container_id: str, namespace: str, timeout: float = 30.0, *,
                publish_binary: str = "/bin/true", debug: bool = False,
                env: Optional[Mapping[str, str]] = None, log_sink: Optional[Sink] = None,
-               call_timeout: Optional[float] = DEFAULT_CALL_TIMEOUT) -> ShimHandle:
+               call_timeout: Optional[float] = DEFAULT_CALL_TIMEOUT, fresh_bundle: bool = False) -> ShimHandle:
     """Start a shim for ``container_id`` in ``bundle_dir`` and return it connected and answering.
 
     ``shim_path`` is executed as given (absolute path required, no ``$PATH`` lookup). ``env``
@@ -943,7 +956,9 @@ def start_shim(shim_path: str, bundle_dir: str, container_id: str, namespace: st
     refuses or never answers) raises ``ShimStartError``/``ShimError`` after removing what this
     call created: shim processes for this bundle/id that were not running before the call
     (found in /proc, since the daemon writes ``shim.pid`` only once it is up), a socket file
-    nobody accepts on, the log FIFO.
+    nobody accepts on, the log FIFO. ``fresh_bundle``: the caller just created ``bundle_dir``,
+    so no shim can be running there yet and the /proc scan before the start is skipped (it
+    costs about 35 us per process on the host).
     """
     validate_id(container_id)
     validate_namespace(namespace)
@@ -951,7 +966,7 @@ def start_shim(shim_path: str, bundle_dir: str, container_id: str, namespace: st
     if not os.path.isdir(bundle_dir):
         raise ShimStartError("bundle directory {} does not exist".format(bundle_dir))
     deadline = time.monotonic() + timeout
-    running_before = set(find_shim_pids(bundle_dir, container_id, namespace))
+    running_before = set() if fresh_bundle else set(find_shim_pids(bundle_dir, container_id, namespace))
     log = ShimLog.open(bundle_dir)
     log.start_pump(log_sink)
     handle = ShimHandle(shim_path=shim_path, bundle=bundle_dir, container_id=container_id, namespace=namespace,
@@ -983,13 +998,13 @@ def find_shim_pids(bundle_dir: str, container_id: str, namespace: str) -> List[i
         if not entry.isdigit():
             continue
         try:
+            if os.readlink("/proc/{}/cwd".format(entry)) != bundle:  # one syscall: skips almost every process
+                continue
             with open("/proc/{}/cmdline".format(entry), "rb") as handle:
                 argv = handle.read().split(b"\0")
-            cwd = os.readlink("/proc/{}/cwd".format(entry))
         except OSError:
             continue
-        if cwd == bundle and _is_shim_daemon_argv([a.decode("utf-8", "replace") for a in argv if a],
-                                                   container_id, namespace):
+        if _is_shim_daemon_argv([a.decode("utf-8", "replace") for a in argv if a], container_id, namespace):
             found.append(int(entry))
     return found
 

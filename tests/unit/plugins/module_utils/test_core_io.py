@@ -93,8 +93,8 @@ def test_state_paths_reject_unsafe_ids_and_long_roots(tmp_path):
         StatePaths("/" + "r" * 80, str(tmp_path)).ensure_roots()
 
 
-def test_name_index_and_files(tmp_path):
-    paths = StatePaths(str(tmp_path / "run"), str(tmp_path / "lib"))
+def test_name_index_and_files(short_tmp):
+    paths = StatePaths(os.path.join(short_tmp, "run"), os.path.join(short_tmp, "lib"))
     paths.ensure_roots()
     files = ContainerFiles(paths)
     container = Container("abc", "web", paths.bundle_dir("abc"), "", directory=paths.container_dir("abc"))
@@ -110,6 +110,16 @@ def test_name_index_and_files(tmp_path):
     files.remove_files("abc")
     assert files.lookup_name("web") is None  # a stale entry whose container is gone
     assert oct(os.stat(paths.persist_root).st_mode & 0o777) == "0o700"
+
+
+@pytest.fixture
+def short_tmp():
+    """A short directory: conmon's socket paths under a run root must fit in 107 bytes."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="dloci-u", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_config_defaults_and_file(tmp_path, monkeypatch):
