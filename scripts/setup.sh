@@ -11,7 +11,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 packages=(conmon runc crun runsc containerd busybox-static podman skopeo debootstrap qemu-system-x86 qemu-utils
-          docker-registry openssh-client iproute2 util-linux procps python3-venv python3-pip git rsync)
+          docker-registry openssh-client iproute2 util-linux procps python3-venv python3-pip python-is-python3 git rsync)
 
 log() { echo "setup: $*" >&2; }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import select
 import signal
 import subprocess
@@ -176,7 +177,7 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError as exc:
         return "(cannot read %s: %s)" % (path, exc)
     # Serial consoles emit CR and terminal escapes; keep the text readable in a CI log.
-    text = data.replace("\r", "")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", data.replace("\r", ""))
     return "\n".join(text.splitlines()[-lines:])
 
 
