@@ -353,7 +353,8 @@ def test_shim_outlives_the_process_that_started_it(box: Box) -> None:
     """The module-process pattern: one short process starts the shim (and its log reader dies with
     it); later processes reconnect from the stored record. -debug makes the shim log on every call."""
     done = subprocess.run([sys.executable, "-c", _STARTER, SHIM, box.bundle, box.id, NAMESPACE],  # noqa: S603
-                          capture_output=True, check=True, env=dict(os.environ))
+                          capture_output=True, check=True,
+                          env=dict(os.environ, PYTHONPATH=os.environ["ANSIBLE_COLLECTIONS_PATH"].split(":")[0]))
     record = json.loads(done.stdout)
     handle = ShimHandle.from_record(record)
     box.handles.append(handle)
