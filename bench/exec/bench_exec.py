@@ -30,20 +30,10 @@ from typing import Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-COLLECTIONS = os.environ.get("DLOCI_COLLS", "/tmp/dloci-colls")
+sys.path.insert(0, os.path.join(REPO, "tests", "tools"))
+import testkit  # noqa: E402
 
-
-def collection_on_path() -> None:
-    link = os.path.join(COLLECTIONS, "ansible_collections", "daemonless", "oci")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if os.path.realpath(link) != REPO:
-        if os.path.islink(link):
-            os.unlink(link)
-        os.symlink(REPO, link)
-    sys.path.insert(0, COLLECTIONS)
-
-
-collection_on_path()
+testkit.collection_on_path()
 
 from ansible_collections.daemonless.oci.plugins.module_utils import exec_sync  # noqa: E402
 from ansible_collections.daemonless.oci.plugins.module_utils.manager import ContainerManager, CreateRequest  # noqa: E402
@@ -54,29 +44,10 @@ PODMAN_IMAGE = "localhost/dloci-bench-exec:latest"
 PODMAN_NAME = "dloci-bench-exec"
 
 
-def busybox_rootfs(target: str) -> str:
-    busybox = shutil.which("busybox")
-    if not busybox:
-        sys.exit("busybox-static is not installed")
-    for directory in ("bin", "proc", "sys", "dev", "tmp", "etc"):
-        os.makedirs(os.path.join(target, directory), exist_ok=True)
-    shutil.copy(busybox, os.path.join(target, "bin", "busybox"))
-    for applet in subprocess.check_output([busybox, "--list"]).decode().split():
-        if applet != "busybox":
-            os.symlink("busybox", os.path.join(target, "bin", applet))
-    return target
-
-
-def crun_wrapper(work: str) -> str:
-    """crun 1.8 refuses this host's hybrid cgroup layout; the tests' wrapper hides the controllers file."""
-    script = os.path.join(REPO, "tests", "tools", "crun-private-ns.sh")
-    return subprocess.check_output(["bash", script, "setup", os.path.join(work, "crun-ns")]).decode().strip()
-
-
 def write_config(work: str, handlers: List[str]) -> str:
     runtimes: Dict[str, Dict[str, str]] = {}
     for name in handlers:
-        path = crun_wrapper(work) if name == "crun" else shutil.which(name)
+        path = testkit.crun_wrapper(work) if name == "crun" else shutil.which(name)
         if not path:
             sys.exit("{} is not installed".format(name))
         runtimes[name] = {"runtime_path": path}
@@ -140,11 +111,7 @@ class RawExec:
 
 class Podman:
     def __init__(self, rootfs: str) -> None:
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["podman", "import", "-", PODMAN_IMAGE], stdin=tar.stdout, check=True,
-                       stdout=subprocess.DEVNULL)
-        tar.stdout.close()
-        tar.wait()
+        testkit.podman_import(rootfs, PODMAN_IMAGE)
         subprocess.run(["podman", "rm", "-f", "-t", "0", PODMAN_NAME], check=False, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         subprocess.run(["podman", "run", "-d", "--network", "none", "--pull", "never", "--name", PODMAN_NAME,
@@ -227,7 +194,7 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root")
     work = tempfile.mkdtemp(prefix="dloci-bx-", dir="/tmp")
-    rootfs = busybox_rootfs(os.path.join(work, "rootfs"))
+    rootfs = testkit.build_busybox_rootfs(os.path.join(work, "rootfs"))
     config = write_config(work, args.handlers)
     podman = Podman(rootfs)
     report = {"rounds": args.rounds, "load_start": os.getloadavg(), "handlers": {}}
@@ -247,8 +214,7 @@ def main() -> int:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=1)
         if "crun" in args.handlers:
-            subprocess.run(["bash", os.path.join(REPO, "tests", "tools", "crun-private-ns.sh"), "teardown",
-                            os.path.join(work, "crun-ns")], check=False)
+            testkit.crun_wrapper_teardown(work)
         shutil.rmtree(work, ignore_errors=True)
     print("raw samples: " + args.out)
     return 0

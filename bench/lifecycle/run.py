@@ -30,9 +30,10 @@ from typing import Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import conftest  # noqa: E402,F401  (makes the collection importable)
-from functional.conftest import build_busybox_rootfs  # noqa: E402
+sys.path.insert(0, os.path.join(REPO, "tests", "tools"))
+import testkit  # noqa: E402
+
+testkit.collection_on_path()
 
 from ansible_collections.daemonless.oci.plugins.module_utils.manager import ContainerManager, CreateRequest  # noqa: E402
 from ansible_collections.daemonless.oci.plugins.module_utils.oci_spec import default_spec  # noqa: E402
@@ -52,7 +53,7 @@ class Bench:
 
     def __init__(self, work: str) -> None:
         self.work = work
-        self.rootfs = build_busybox_rootfs(os.path.join(work, "rootfs"))
+        self.rootfs = testkit.build_busybox_rootfs(os.path.join(work, "rootfs"))
         self.counter = 0
         self.runc_root = os.path.join(work, "runc-root")
         self.config = self._config()
@@ -63,10 +64,7 @@ class Bench:
         handlers = {"runc": {"runtime_path": shutil.which("runc")},
                     "runsc": {"runtime_path": shutil.which("runsc"),
                               "runtime_args": ["--platform=ptrace", "--network=none"]}}
-        crun_wrapper = subprocess.check_output(
-            ["bash", os.path.join(REPO, "tests/tools/crun-private-ns.sh"), "setup", os.path.join(self.work, "crun-ns")]
-        ).decode().strip()
-        handlers["crun"] = {"runtime_path": crun_wrapper}
+        handlers["crun"] = {"runtime_path": testkit.crun_wrapper(self.work)}
         path = os.path.join(self.work, "runtimes.json")
         with open(path, "w") as handle:
             json.dump({"runtimes": handlers}, handle)
@@ -150,20 +148,6 @@ class Bench:
         run_command(["podman", "rm", "-f", "-t", "0", name])
 
 
-def import_image(rootfs: str) -> None:
-    """``tar -C rootfs -c . | podman import - IMAGE`` without a shell."""
-    tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(["podman", "import", "-", IMAGE], stdin=tar.stdout, stdout=subprocess.DEVNULL, check=True)
-    tar.stdout.close()
-    if tar.wait() != 0:
-        raise RuntimeError("tar of the rootfs failed")
-
-
-def percentile(values: List[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=40)
@@ -178,7 +162,7 @@ def main() -> int:
     for handler in options.handlers.split(","):
         tools["lib-" + handler] = lambda handler=handler: bench.library(handler)
     if not options.no_podman and shutil.which("podman"):
-        import_image(bench.rootfs)
+        testkit.podman_import(bench.rootfs, IMAGE)
         tools["podman"] = bench.podman
     timings: Dict[str, List[float]] = {name: [] for name in tools}
     try:
@@ -193,8 +177,7 @@ def main() -> int:
     finally:
         for container in bench.manager.list():
             bench.manager.remove(container, timeout=0)
-        subprocess.run(["bash", os.path.join(REPO, "tests/tools/crun-private-ns.sh"), "teardown",
-                        os.path.join(work, "crun-ns")], check=False)
+        testkit.crun_wrapper_teardown(work)
         shutil.rmtree(work, ignore_errors=True)
     report(timings, options.json)
     return 0
@@ -203,9 +186,9 @@ def main() -> int:
 def report(timings: Dict[str, List[float]], json_path: str) -> None:
     rows = []
     for name, values in timings.items():
-        row = {"tool": name, "median_ms": statistics.median(values), "p90_ms": percentile(values, 0.9)}
+        row = {"tool": name, "median_ms": statistics.median(values), "p90_ms": testkit.p90(values)}
         for base in ("runc", "conmon-runc"):
-            row["x_" + base] = statistics.median(a / b for a, b in zip(values, timings[base]))
+            row["x_" + base] = testkit.paired_ratio(timings, name, base)
         rows.append(row)
     print("| tool | median ms | p90 ms | x raw runc (paired) | x conmon+runc (paired) |")
     print("| --- | --- | --- | --- | --- |")

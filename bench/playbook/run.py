@@ -26,6 +26,8 @@ from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "tests", "tools"))
+import testkit  # noqa: E402
 ROOT = "/tmp/dloci-bench-pb"
 IMAGE = "localhost/dloci-bench-pb:latest"
 COUNT = 10
@@ -39,23 +41,6 @@ def playbook_binary() -> str:
     return found
 
 
-def build_rootfs(target: str) -> str:
-    if os.path.exists(os.path.join(target, "bin", "sh")):
-        return target
-    busybox = shutil.which("busybox")
-    if not busybox:
-        sys.exit("busybox-static is not installed")
-    for directory in ("bin", "proc", "sys", "dev", "tmp", "etc", "root", "run"):
-        os.makedirs(os.path.join(target, directory), exist_ok=True)
-    shutil.copy(busybox, os.path.join(target, "bin", "busybox"))
-    for applet in subprocess.check_output([busybox, "--list"]).decode().split():
-        if applet != "busybox":
-            os.symlink("busybox", os.path.join(target, "bin", applet))
-    with open(os.path.join(target, "etc", "passwd"), "w") as handle:
-        handle.write("root:x:0:0:root:/root:/bin/sh\n")
-    return target
-
-
 def podman_ready(rootfs: str) -> Optional[str]:
     """The podman collection path once the image is imported, or None with the reason printed."""
     collections = os.environ.get("PODMAN_COLLECTIONS", "/var/cache/daemonless-oci/collections")
@@ -66,10 +51,7 @@ def podman_ready(rootfs: str) -> Optional[str]:
         print("podman column skipped: no containers.podman collection under", collections)
         return None
     if subprocess.run(["podman", "image", "exists", IMAGE], check=False).returncode != 0:
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["podman", "import", "-", IMAGE], stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL)
-        tar.stdout.close()
-        tar.wait()
+        testkit.podman_import(rootfs, IMAGE)
     return collections
 
 
@@ -96,7 +78,7 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root")
     os.makedirs(ROOT, exist_ok=True)
-    rootfs = build_rootfs(os.path.join(ROOT, "rootfs"))
+    rootfs = testkit.build_busybox_rootfs(os.path.join(ROOT, "rootfs"))
     ours = os.environ.get("DLOCI_COLLS", "/tmp/dloci-colls")
     podman = None if args.no_podman else podman_ready(rootfs)
     common = {"rootfs": rootfs, "bench_root": ROOT}

@@ -34,19 +34,12 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 TREE = os.environ.get("DLOCI_COLLS", "/tmp/dloci-colls")
 
 
-def _import_library() -> Any:
-    link = os.path.join(TREE, "ansible_collections", "daemonless", "oci")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if os.path.realpath(link) != REPO:
-        if os.path.islink(link):
-            os.unlink(link)
-        os.symlink(REPO, link)
-    sys.path.insert(0, TREE)
-    from ansible_collections.daemonless.oci.plugins.module_utils import procutil, stats  # noqa: E402
-    return procutil, stats
+sys.path.insert(0, os.path.join(REPO, "tests", "tools"))
+import testkit  # noqa: E402
 
+testkit.collection_on_path()
+from ansible_collections.daemonless.oci.plugins.module_utils import procutil, stats  # noqa: E402
 
-procutil, stats = _import_library()
 
 CGROUP_PARENT = "dloci-bench-stats"
 IMAGE = "localhost/dloci-bench-stats:latest"
@@ -58,19 +51,6 @@ from ansible_collections.daemonless.oci.plugins.module_utils import stats
 targets = [stats.StatsTarget(int(p), s, i) for i, p, s in (t.split(",") for t in sys.argv[2:])]
 print(json.dumps([r.to_dict() for r in stats.collect_many(targets)]))
 """
-
-
-def build_rootfs(target: str) -> str:
-    busybox = shutil.which("busybox")
-    if not busybox:
-        sys.exit("busybox-static is not installed")
-    for directory in ("bin", "proc", "sys", "dev", "tmp", "etc"):
-        os.makedirs(os.path.join(target, directory), exist_ok=True)
-    shutil.copy(busybox, os.path.join(target, "bin", "busybox"))
-    for applet in subprocess.check_output([busybox, "--list"]).decode().split():
-        if applet != "busybox":
-            os.symlink("busybox", os.path.join(target, "bin", applet))
-    return target
 
 
 def run(argv: List[str], timeout: float = 120) -> bytes:
@@ -191,9 +171,7 @@ def psi() -> str:
 
 def setup(work: str, rootfs: str, count: int) -> Any:
     targets = [start_runc(work, rootfs, "bs{}".format(index)) for index in range(count)]
-    tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(["podman", "import", "-", IMAGE], stdin=tar.stdout, stdout=subprocess.DEVNULL, check=True)
-    tar.wait()
+    testkit.podman_import(rootfs, IMAGE)
     names = []
     for index in range(count):
         name = "dloci-bench-stats-{}".format(index)
@@ -237,7 +215,7 @@ def main() -> int:
     targets: List[Any] = []
     names: List[str] = []
     try:
-        rootfs = build_rootfs(os.path.join(work, "rootfs"))
+        rootfs = testkit.build_busybox_rootfs(os.path.join(work, "rootfs"))
         targets, names = setup(work, rootfs, max(counts))
         mounts = stats.cgroups.host_mounts()
         psi_before = psi()

@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from typing import Dict, Iterator, List
 
 import pytest
+import testkit
 
 from ansible_collections.daemonless.oci.plugins.module_utils.manager import ContainerManager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOOLS = os.path.join(os.path.dirname(HERE), "tools")
 HANDLERS = ("runc", "crun", "runsc")
 
 
@@ -32,24 +31,11 @@ def _require_root() -> None:
 
 
 def build_busybox_rootfs(target: str) -> str:
-    """A minimal root filesystem: static busybox, its applets, and the files services expect."""
-    busybox = shutil.which("busybox")
-    if not busybox:
-        pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
-    for directory in ("bin", "proc", "sys", "dev", "tmp", "etc", "root", "var/www", "run"):
-        os.makedirs(os.path.join(target, directory), exist_ok=True)
-    shutil.copy(busybox, os.path.join(target, "bin", "busybox"))
-    applets = subprocess.check_output([busybox, "--list"]).decode().split()
-    for applet in applets:
-        if applet != "busybox":
-            os.symlink("busybox", os.path.join(target, "bin", applet))
-    with open(os.path.join(target, "etc", "passwd"), "w") as handle:
-        handle.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
-                     "app:x:1000:1000:app:/tmp:/bin/sh\n")
-    with open(os.path.join(target, "etc", "group"), "w") as handle:
-        handle.write("root:x:0:\nnogroup:x:65534:\napp:x:1000:\n")
-    os.chmod(os.path.join(target, "tmp"), 0o1777)
-    return target
+    """The shared busybox rootfs, or a skip naming what is missing."""
+    try:
+        return testkit.build_busybox_rootfs(target)
+    except testkit.MissingTool as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +44,7 @@ def work_root() -> Iterator[str]:
     root = tempfile.mkdtemp(prefix="dloci-ft-", dir="/tmp")
     os.chmod(root, 0o700)
     yield root
-    subprocess.run(["bash", os.path.join(TOOLS, "crun-private-ns.sh"), "teardown", os.path.join(root, "crun-ns")],
-                   check=False)
+    testkit.crun_wrapper_teardown(root)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -75,10 +60,7 @@ def runtime_config(work_root: str) -> str:
     if shutil.which("runc"):
         handlers["runc"] = {"runtime_path": shutil.which("runc")}
     if shutil.which("crun"):
-        wrapper = subprocess.check_output(
-            ["bash", os.path.join(TOOLS, "crun-private-ns.sh"), "setup", os.path.join(work_root, "crun-ns")]
-        ).decode().strip()
-        handlers["crun"] = {"runtime_path": wrapper}
+        handlers["crun"] = {"runtime_path": testkit.crun_wrapper(work_root)}
     if shutil.which("runsc"):
         handlers["runsc"] = {"runtime_path": shutil.which("runsc"),
                              "runtime_args": ["--platform=ptrace", "--network=none"]}

@@ -17,6 +17,7 @@ import tempfile
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
+import testkit
 
 from ansible_collections.daemonless.oci.plugins.module_utils.manager import ContainerManager
 
@@ -34,25 +35,11 @@ def ansible_playbook() -> str:
 
 
 def build_rootfs(target: str) -> str:
-    """busybox-static with its applets, /etc/passwd and /etc/group (users root, nobody, app)."""
-    busybox = shutil.which("busybox")
-    if not busybox:
-        pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
-    for directory in ("bin", "proc", "sys", "dev", "tmp", "etc", "root", "var/www", "run"):
-        os.makedirs(os.path.join(target, directory), exist_ok=True)
-    shutil.copy(busybox, os.path.join(target, "bin", "busybox"))
-    for applet in subprocess.check_output([busybox, "--list"]).decode().split():
-        if applet != "busybox":
-            os.symlink("busybox", os.path.join(target, "bin", applet))
-    with open(os.path.join(target, "etc", "passwd"), "w") as handle:
-        handle.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
-                     "app:x:1000:1000:app:/tmp:/bin/sh\n")
-    with open(os.path.join(target, "etc", "group"), "w") as handle:
-        handle.write("root:x:0:\nnogroup:x:65534:\napp:x:1000:\nwheel:x:10:app\n")
-    with open(os.path.join(target, "var", "www", "index.html"), "w") as handle:
-        handle.write("hello from daemonless.oci\n")
-    os.chmod(os.path.join(target, "tmp"), 0o1777)
-    return target
+    """The shared busybox rootfs, or a skip naming what is missing."""
+    try:
+        return testkit.build_busybox_rootfs(target)
+    except testkit.MissingTool as exc:
+        pytest.skip(str(exc))
 
 
 def _wrapper(directory: str, name: str, real: str, log: str) -> str:
