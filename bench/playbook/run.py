@@ -93,6 +93,8 @@ def main() -> int:
         record("floor", run("floor.yml", {}, ours))
         for phase, state in (("create", "started"), ("unchanged", "started"), ("remove", "absent")):
             record("oci " + phase, run("oci.yml", dict(common, state=state), ours))
+        for phase, state in (("create", "started"), ("unchanged", "started"), ("remove", "absent")):
+            record("oci list " + phase, run("oci_list.yml", dict(common, state=state), ours))
         if podman:
             for phase, state in (("create", "started"), ("unchanged", "started"), ("remove", "absent")):
                 record("podman " + phase, run("podman.yml", {"podman_image": IMAGE, "state": state},

@@ -414,6 +414,18 @@ def names(klass: str) -> List[str]:
     return [item.name for item in FIELDS if item.klass == klass]
 
 
+STATES_NEEDING_SOURCE = ("present", "created", "started", "stopped", "paused")
+
+
+def constraints() -> Dict[str, Any]:
+    """The cross-option rules of ``oci_container``, shared by its single and list forms."""
+    return {
+        "mutually_exclusive": [list(SOURCE_FIELDS), ["cpus", "cpu_quota"]],
+        "required_if": [("state", state, list(SOURCE_FIELDS), True) for state in STATES_NEEDING_SOURCE],
+        "required_by": {"restart_retries": "restart_policy"},
+    }
+
+
 def argument_spec() -> Dict[str, Dict[str, Any]]:
     """The module's argument_spec, generated so that no option can exist without a class."""
     return {item.name: item.argument_spec() for item in FIELDS}

@@ -523,20 +523,12 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.daemonless.oci.plugins.module_utils.errors import OciError
 from ansible_collections.daemonless.oci.plugins.module_utils.executor import WaitForError, converge
-from ansible_collections.daemonless.oci.plugins.module_utils.fields import SOURCE_FIELDS, argument_spec
-
-STATES_NEEDING_SOURCE = ("present", "created", "started", "stopped", "paused")
+from ansible_collections.daemonless.oci.plugins.module_utils.fields import argument_spec, constraints
 
 
 def build_module() -> AnsibleModule:
-    """The module object; its argument_spec comes from the field registry."""
-    return AnsibleModule(
-        argument_spec=argument_spec(),
-        mutually_exclusive=[list(SOURCE_FIELDS), ["cpus", "cpu_quota"]],
-        required_if=[("state", state, list(SOURCE_FIELDS), True) for state in STATES_NEEDING_SOURCE],
-        required_by={"restart_retries": "restart_policy"},
-        supports_check_mode=True,
-    )
+    """The module object; its argument_spec and rules come from the field registry."""
+    return AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True, **constraints())
 
 
 def main() -> None:
