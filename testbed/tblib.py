@@ -118,7 +118,7 @@ def run(argv: Sequence[str], logf: Optional[IO[str]] = None, cwd: Optional[str] 
     proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT if logf or capture else None,
                             cwd=cwd, env=env, start_new_session=True, text=True)
     try:
-        output, _ = proc.communicate()
+        output, _unused = proc.communicate()
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -142,7 +142,7 @@ def run_child_script(argv: Sequence[str]) -> subprocess.CompletedProcess:
     """
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, text=True)
     try:
-        output, _ = proc.communicate()
+        output, _unused = proc.communicate()
     except BaseException:
         proc.terminate()
         proc.wait()

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """B2: latency of an exec of `true` in a running container, side by side.
 
 Tools, one exec each per round, in a freshly shuffled order every round (after warm-up rounds):
@@ -185,7 +185,7 @@ def markdown(handler: str, rows: List[Dict[str, float]], anchor: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--handlers", nargs="+", default=["runc", "crun"])

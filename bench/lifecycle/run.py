@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """bench/lifecycle: one container cycle (create + start, then stop + delete), several ways, interleaved.
 
 * ``lib-<handler>``    : this collection's library (ContainerManager: create, start, stop with

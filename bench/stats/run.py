@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """bench/stats: container stats for N running containers, four ways, interleaved in one run.
 
 * lib-inproc  : ``stats.collect_many`` in this process (one sample, every figure incl. network)
@@ -192,7 +192,7 @@ def teardown(work: str, targets: List[Any], names: List[str]) -> None:
     roots = [root for root in mounts.hierarchy_roots() + [mounts.unified or ""] if root]
     dirs = [os.path.join(root, CGROUP_PARENT, t.container_id) for root in roots for t in targets]
     dirs += [os.path.join(root, CGROUP_PARENT) for root in roots]
-    for _ in range(30):
+    for _unused in range(30):
         cgroups.remove_dirs(dirs)
         if not any(os.path.isdir(path) for path in dirs):
             break
@@ -241,7 +241,7 @@ def print_results(results: List[Dict[str, Any]], psi_before: str, psi_after: str
         check = result["check"]
         print("N={n}: files opened per container {f:.1f} (+ /proc/PID/stat by procutil), each once: {d}, "
               "processes started by the library: 0".format(
-            n=result["n"], f=check["files_opened_per_container"], d=check["distinct_files"]))
+                  n=result["n"], f=check["files_opened_per_container"], d=check["distinct_files"]))
     for result in results:
         print_targets(result)
     inproc = {r["n"]: statistics.median(r["samples"]["lib-inproc"]) for r in results}

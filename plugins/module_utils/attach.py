@@ -199,7 +199,7 @@ def _attach_loop(session: _Attachment, deadline: Optional[float]) -> None:
         wait = _wait_ms(deadline, session.resize is not None)
         if wait == 0 and deadline is not None and time.monotonic() >= deadline:
             return
-        for fd, _ in poller.poll(wait):
+        for fd, _unused in poller.poll(wait):
             if fd == session.sock.fileno():
                 if not session.on_packet():
                     return
@@ -360,7 +360,7 @@ def _shutdown(sock: socket.socket) -> None:
 def relay(stream: Any, target: socket.socket) -> None:
     """Copy both ways; when one direction reaches EOF, the other gets ``PEER_GRACE_SECONDS``."""
     ends = _StreamEnds(stream)
-    directions = {ends.read_fd: (ends.read_fd, lambda data: target.sendall(data), lambda: _shutdown(target)),
+    directions = {ends.read_fd: (ends.read_fd, target.sendall, lambda: _shutdown(target)),
                   target.fileno(): (target.fileno(), ends.write, ends.close_write)}
     poller = select.poll()
     for fd in directions:
@@ -371,7 +371,7 @@ def relay(stream: Any, target: socket.socket) -> None:
         events = poller.poll(wait)
         if not events and deadline is not None:
             return
-        for fd, _ in events:
+        for fd, _unused in events:
             if not _pump_once(directions[fd]):
                 poller.unregister(fd)
                 del directions[fd]

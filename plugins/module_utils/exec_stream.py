@@ -166,7 +166,7 @@ def _relay_pipes(source: Optional[BinaryIO], sink: Optional[BinaryIO], outputs: 
         _copy_unpollable(source, sink)
     open_outputs = set(outputs)
     while open_outputs:
-        for fd, _ in poller.poll():
+        for fd, _unused in poller.poll():
             if fd == source_fd:
                 if not _forward(source_fd, sink):
                     poller.unregister(source_fd)
@@ -290,7 +290,7 @@ def receive_console(server: socket.socket, process: "subprocess.Popen[bytes]") -
         poller = select.poll()
         poller.register(server.fileno(), select.POLLIN)
         poller.register(pidfd, select.POLLIN)
-        for fd, _ in poller.poll(int(CONSOLE_WAIT_SECONDS * 1000)):
+        for fd, _unused in poller.poll(int(CONSOLE_WAIT_SECONDS * 1000)):
             if fd == server.fileno():
                 return _accept_fd(server)
         return None
@@ -299,9 +299,9 @@ def receive_console(server: socket.socket, process: "subprocess.Popen[bytes]") -
 
 
 def _accept_fd(server: socket.socket) -> int:
-    connection, _ = server.accept()
+    connection, _unused = server.accept()
     with connection:
-        _, ancillary, _, _ = connection.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("i")))
+        _unused, ancillary, _unused, _unused = connection.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("i")))
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds = array.array("i")
@@ -328,7 +328,7 @@ def relay_console(master: int, stdin: Optional[BinaryIO], on_output: Writer, res
         poller.register(source_fd, select.POLLIN)
     while True:
         last_size = _apply_resize(master, resize, last_size)
-        for fd, _ in poller.poll(RESIZE_POLL_MS if resize is not None else None):
+        for fd, _unused in poller.poll(RESIZE_POLL_MS if resize is not None else None):
             if fd == master:
                 if not _console_output(master, on_output):
                     return

@@ -126,7 +126,7 @@ def merge_env(base: Sequence[str], extra: Optional[Union[List[str], Dict[str, st
 
 
 def _split_env(entry: str) -> Tuple[str, str]:
-    name, _, value = str(entry).partition("=")
+    name, _unused, value = str(entry).partition("=")
     return name, value
 
 
@@ -137,7 +137,7 @@ def resolve_user(rootfs: str, user: Union[str, int]) -> Dict[str, Any]:
     mean nothing inside). A uid without a passwd entry gets gid 0, as container engines do.
     """
     text = str(user)
-    name, _, group = text.partition(":")
+    name, _unused, group = text.partition(":")
     if not name:
         raise ValidationError("exec user must not be empty")
     passwd = _read_db(os.path.join(rootfs, "etc", "passwd"))
@@ -242,7 +242,7 @@ class LogSplitter:
         if len(parts) < 4:
             self.skipped += 1
             return
-        _, stream, tag, content = parts
+        _unused, stream, tag, content = parts
         if tag == b"P" and content.endswith(b"\n"):
             content = content[:-1]
         target = {b"stdout": self.stdout, b"stderr": self.stderr}.get(stream)
@@ -429,10 +429,10 @@ class _ExecTree:
     def victims(self) -> List[int]:
         inside = [entry for entry in processes_in_namespace(self.ns_inode) if entry[0] != self.init.pid]
         if self.pipe_inodes:
-            for pid, _, pgrp, session in inside:
+            for pid, _unused, pgrp, session in inside:
                 if pid in pipe_holders([pid], self.pipe_inodes):
                     self.groups |= {pid} | ({pgrp, session} - self.protected)
-        return [pid for pid, _, pgrp, session in inside
+        return [pid for pid, _unused, pgrp, session in inside
                 if pid in self.groups or pgrp in self.groups or session in self.groups]
 
 
@@ -642,7 +642,7 @@ def _runtime_groups(conmon_pid: int) -> List[int]:
     """crun leaves the exec'd process in the runtime's group; conmon's children name that group."""
     groups = []
     try:
-        with open("/proc/{}/task/{}/children".format(conmon_pid, conmon_pid), "r", encoding="ascii") as handle:
+        with open("/proc/{pid}/task/{pid}/children".format(pid=conmon_pid), "r", encoding="ascii") as handle:
             for child in handle.read().split():
                 fields = _stat_fields(int(child))
                 if fields is not None:
@@ -673,7 +673,7 @@ def _read_sync(fd: int) -> Optional[Dict[str, Any]]:
     chunks = []
     total = 0
     while total < (1 << 20):
-        ready, _, _ = select.select([fd], [], [], 0)
+        ready, _unused, _unused = select.select([fd], [], [], 0)
         if not ready:
             break
         chunk = os.read(fd, 65536)

@@ -172,7 +172,7 @@ def env_to_dict(env: Iterable[str]) -> Dict[str, str]:
     """``["K=V", ...]`` -> ``{K: V}`` in order; a later duplicate wins, an entry without '=' is ``K=""``."""
     result: Dict[str, str] = {}
     for item in env:
-        key, _, value = item.partition("=")
+        key, _unused, value = item.partition("=")
         if key:
             result[key] = value
     return result
@@ -442,7 +442,9 @@ class ImageStore:
             refs[name] = record.manifest_digest
             atomic_write_json(self._path("refs.json"), refs)
         loaded = self._load(record.manifest_digest, refs)
-        assert loaded is not None
+        if loaded is None:
+            raise ImageError("image {} vanished from the store while it was being recorded".format(
+                record.manifest_digest))
         loaded.changed = True
         return loaded
 

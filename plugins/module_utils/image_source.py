@@ -190,8 +190,8 @@ class BlobSource:
     def read_document(self, descriptor: Descriptor, what: str) -> Tuple[bytes, Dict[str, Any]]:
         """A verified small blob (manifest, index, config), as bytes and parsed JSON."""
         if descriptor.size > MAX_DOCUMENT_BYTES:
-            raise ImageError("{} {} declares {} bytes (limit {})".format(what, descriptor.digest, descriptor.size,
-                                                                          MAX_DOCUMENT_BYTES))
+            raise ImageError("{} {} declares {} bytes (limit {})".format(
+                what, descriptor.digest, descriptor.size, MAX_DOCUMENT_BYTES))
         handle = self.open_blob(descriptor.digest)
         try:
             reader = VerifyingReader(handle, descriptor)

@@ -87,11 +87,11 @@ class _LimitedTarInfo(tarfile.TarInfo):
 
     max_header_bytes = Limits.max_header_bytes
 
-    def _proc_member(self, tarfile_obj):  # type: ignore[no-untyped-def]
+    def _proc_member(self, tarfile):  # type: ignore[no-untyped-def]  # same name as the base class's parameter
         if self.type in _META_TYPES and self.size > self.max_header_bytes:
             raise UnsafeArchiveError("archive refused: a metadata header declares {} bytes (limit {})"
                                      .format(self.size, self.max_header_bytes))
-        return super()._proc_member(tarfile_obj)
+        return super()._proc_member(tarfile)
 
 
 class BoundedReader:

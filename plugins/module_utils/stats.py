@@ -436,7 +436,7 @@ def _read_io(stats: ContainerStats, where: Tuple[str, str]) -> None:
         size = ops = parse_io_stat_v2(_read(directory + "/io.stat") or "")
         keys = ("rbytes", "wbytes", "rios", "wios")
     for device in sorted(set(size) | set(ops)):
-        major, _, minor = device.partition(":")
+        major, _unused, minor = device.partition(":")
         entry = BlockDeviceStats(int(major), int(minor), device_name(device),
                                  size.get(device, {}).get(keys[0], 0), size.get(device, {}).get(keys[1], 0),
                                  ops.get(device, {}).get(keys[2], 0), ops.get(device, {}).get(keys[3], 0))

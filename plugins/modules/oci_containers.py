@@ -100,8 +100,8 @@ def validated_items(module: AnsibleModule) -> list:
                 params[key] = module.params[key]
         outcome = validator.validate(params)
         if outcome.error_messages:
-            module.fail_json(msg="containers[{}] ({}): {}".format(index, item.get("name", "no name"),
-                                                                   "; ".join(outcome.error_messages)))
+            module.fail_json(msg="containers[{}] ({}): {}".format(
+                index, item.get("name", "no name"), "; ".join(outcome.error_messages)))
         items.append(outcome.validated_parameters)
     return items
 

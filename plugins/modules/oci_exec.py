@@ -25,16 +25,20 @@ description:
   - Fails when the return code is not zero, with RV(rc), RV(stdout) and RV(stderr) in the
     result, so C(failed_when) and C(changed_when) work as with C(ansible.builtin.command).
 author:
-  - daemonless.oci engineers
+  - daemonless.oci engineers (@daemonless)
 extends_documentation_fragment:
   - daemonless.oci.common
 attributes:
   check_mode:
     support: full
+    description: Can run in check_mode and return changed status prediction without modifying target.
     details: In check mode the command does not run; the result says what would run.
   diff_mode:
     support: none
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
   platform:
+    support: full
+    description: Target OS/families that can be operated against.
     platforms: posix
 options:
   name:

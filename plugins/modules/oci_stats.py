@@ -12,7 +12,7 @@ description:
   - Reads each container's own cgroup (v1, v2 or hybrid, found from the init process's C(/proc/PID/cgroup))
     and network namespace, with no process started per container.
   - With O(interval) above zero, every container is sampled twice around one sleep, which gives
-    RV(stats.cpu.percent).
+    the C(cpu.percent) figure of each entry of RV(stats).
   - A stopped container is reported with its status and no figures; a missing one is an error unless
     O(ignore_missing=true).
 author:

@@ -74,8 +74,9 @@ def in_root(root: str, script: str) -> str:
 
 def test_merged_view_applies_whiteouts_and_opaque_dirs(image_env, containers):
     root = new_container(image_env, containers, "merged")
-    out = in_root(root, "cat /etc/motd; test -e /etc/doomed && echo doomed-visible; ls /opaque; ls /keep; "
-                       "stat -c '%a %u %g' /usr/bin/suid /usr/bin/owned")
+    script = ("cat /etc/motd; test -e /etc/doomed && echo doomed-visible; ls /opaque; ls /keep; "
+              "stat -c '%a %u %g' /usr/bin/suid /usr/bin/owned")
+    out = in_root(root, script)
     assert out.split("\n") == ["new", "new", "old-a", "old-b", "4755 0 0", "640 1234 5678", ""]
 
 
@@ -222,10 +223,10 @@ def test_concurrent_imports_of_one_image(tmp_path):
     layout = LayoutBuilder(str(tmp_path / "layout"))
     descriptor = layout.image(list(busybox_layers(busybox_path())))
     root = str(tmp_path / "store")
-    procs = [importer(root, "oci:" + layout.path) for _ in range(3)]
+    procs = [importer(root, "oci:" + layout.path) for _unused in range(3)]
     outputs = [proc.communicate() for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0, 0], [err for _, err in outputs]
-    assert {out.decode().strip() for out, _ in outputs} == {descriptor["digest"]}
+    assert [proc.returncode for proc in procs] == [0, 0, 0], [err for _unused, err in outputs]
+    assert {out.decode().strip() for out, _unused in outputs} == {descriptor["digest"]}
     assert len(os.listdir(os.path.join(root, "layers", "sha256"))) == 2
     assert os.listdir(os.path.join(root, "tmp")) == []
 

@@ -170,7 +170,7 @@ def _pids_max(pid: int) -> str:
     """pids.max of the process's pids cgroup (cgroup v1 hierarchy or the v2 unified one)."""
     with open("/proc/{}/cgroup".format(pid), encoding="utf-8") as handle:
         lines = [line.rstrip("\n").split(":", 2) for line in handle]
-    for _, controllers, path in lines:
+    for _unused, controllers, path in lines:
         if "pids" in controllers.split(","):
             with open("/sys/fs/cgroup/pids{}/pids.max".format(path), encoding="utf-8") as handle:
                 return handle.read().strip()
@@ -264,7 +264,7 @@ def test_full_lifecycle_against_the_runc_shim(box: Box) -> None:
     waiter_result = {}
     waiter = threading.Thread(target=lambda: waiter_result.update(exit=task.wait(box.id)), daemon=True)
     waiter.start()
-    for _ in range(5):
+    for _unused in range(5):
         assert task.state(box.id).status == "running"
     assert waiter.is_alive()
     task.kill(box.id, signal.SIGKILL)

@@ -112,7 +112,7 @@ def remove_cgroup_dirs(relative: str) -> None:
     dirs = cgroups.cgroup_dirs_for(mounts, relative)
     if mounts.unified:
         dirs.append(os.path.join(mounts.unified, relative.strip("/")))
-    for _ in range(50):
+    for _unused in range(50):
         cgroups.remove_dirs(dirs)
         if not any(os.path.isdir(path) for path in dirs):
             return
@@ -145,6 +145,14 @@ def spawn(env: Dict[str, str]) -> Iterator[Any]:
     for container in made:
         container.remove()
         remove_cgroup_dirs(container.cgroups_path)
+
+
+def sample_when(collect: Any, accept: Any) -> Any:
+    """A predicate for ``wait_for``: the sample ``collect()`` returns, once ``accept`` takes it."""
+    def attempt() -> Any:
+        sample = collect()
+        return sample if accept(sample) else None
+    return attempt
 
 
 def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
@@ -279,7 +287,7 @@ def test_memory_cgroup_is_read_where_the_kernel_put_it(spawn: Any) -> None:
 def test_twenty_sleepers_make_21_pids(spawn: Any) -> None:
     container = spawn(["sh", "-c", "for i in $(seq 20); do sleep 3600 & done; wait"],
                       resources={"pids": {"limit": 64}})
-    sample = wait_for(lambda: (lambda s: s if s.pids == 21 else None)(container.collect()))
+    sample = wait_for(sample_when(container.collect, lambda s: s.pids == 21))
     assert sample is not None, "pids never reached 21"
     assert sample.pids_limit == 64
     assert container.events()["pids"]["current"] == 21
@@ -369,7 +377,7 @@ def test_stopped_container_reads_as_stopped(spawn: Any) -> None:
 
 
 def test_many_containers_in_one_call(spawn: Any) -> None:
-    containers = [spawn(["sleep", "3600"]) for _ in range(3)]
+    containers = [spawn(["sleep", "3600"]) for _unused in range(3)]
     started = time.monotonic()
     samples = stats.collect_many([c.target() for c in containers], interval=0.2)
     assert time.monotonic() - started < 1.0  # one sleep for all, not one per container
@@ -392,7 +400,7 @@ def crun_wrapper(env: Dict[str, str]) -> Iterator[List[str]]:
 
 def test_crun_container(spawn: Any, crun_wrapper: List[str]) -> None:
     container = spawn(["sh", "-c", "for i in $(seq 20); do sleep 3600 & done; " + BURN], runtime=crun_wrapper)
-    sample = wait_for(lambda: (lambda s: s if s.pids == 21 else None)(container.collect()))
+    sample = wait_for(sample_when(container.collect, lambda s: s.pids == 21))
     assert sample is not None and sample.cgroup_paths["memory"].endswith(container.cgroups_path)
     burning = sample_burner(container, 0.5)
     assert burning.mem_usage > 0 and burning.sandbox == ""
@@ -424,8 +432,7 @@ def test_runtime_container_stats_through_the_manager(manager: Any, busybox_rootf
                         readonly_root=True)
     container = manager.create(CreateRequest(name="stats-" + handler, spec=spec, handler=handler))
     manager.start(container)
-    sample = wait_for(lambda: (lambda s: s if s.pids >= 5 else None)(
-        manager.runtime.container_stats(container, "")))
+    sample = wait_for(sample_when(lambda: manager.runtime.container_stats(container, ""), lambda s: s.pids >= 5))
     assert sample is not None and sample.running and sample.container == container.id
     assert sample.mem_usage > 0 and sample.cpu_nano > 0
     assert sample.cgroup_paths["memory"].rstrip("/").endswith(container.id)
@@ -556,8 +563,8 @@ def test_cgroup_v2_known_work_on_a_vm(v2_vm_result: Dict[str, Any]) -> None:
     assert events["burn"]["cpu"]["usage"]["total"] >= after["burn"]["cpu"]["usage_ns"]
     for name in ("mem", "pids", "io"):
         assert abs(events[name]["cpu"]["usage"]["total"] - after[name]["cpu"]["usage_ns"]) < 0.05e9
-        assert events[name]["memory"]["usage"]["usage"] == pytest.approx(after[name]["memory"]["usage_bytes"],
-                                                                          abs=MIB)
+        expected = after[name]["memory"]["usage_bytes"]
+        assert events[name]["memory"]["usage"]["usage"] == pytest.approx(expected, abs=MIB)
     # memory: 64 MiB in a tmpfs
     grown = (after["mem"]["memory"]["usage_bytes"] - before["mem"]["memory"]["usage_bytes"]) / MIB
     grown_ws = (after["mem"]["memory"]["working_set_bytes"] - before["mem"]["memory"]["working_set_bytes"]) / MIB

@@ -216,8 +216,8 @@ def test_well_known_types() -> None:
 
 def test_timestamp_conversions() -> None:
     moment = {"seconds": 1700000000, "nanos": 123456789}
-    assert pw.timestamp_to_datetime(moment) == datetime.datetime(2023, 11, 14, 22, 13, 20, 123456,
-                                                                  tzinfo=datetime.timezone.utc)
+    expected = datetime.datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=datetime.timezone.utc)
+    assert pw.timestamp_to_datetime(moment) == expected
     assert pw.timestamp_to_ns(moment) == 1700000000123456789
     go_zero = TIMESTAMP.decode(TIMESTAMP.encode({"seconds": pw.GO_ZERO_TIME_SECONDS}))
     assert go_zero == {"seconds": -62135596800, "nanos": 0}

@@ -111,8 +111,8 @@ def test_later_member_replaces_earlier_file(layer_dir):
 
 def test_capability_xattr_kept_trusted_xattr_dropped(layer_dir):
     capability = "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
-    data = TarBuilder().file("ping", b"p", 0o755, pax={"SCHILY.xattr.security.capability": capability,
-                                                        "SCHILY.xattr.trusted.overlay.redirect": "/etc"}).bytes()
+    pax = {"SCHILY.xattr.security.capability": capability, "SCHILY.xattr.trusted.overlay.redirect": "/etc"}
+    data = TarBuilder().file("ping", b"p", 0o755, pax=pax).bytes()
     extract(data, layer_dir)
     path = os.path.join(layer_dir, "ping")
     assert "security.capability" in os.listxattr(path)

@@ -139,7 +139,7 @@ class Server(threading.Thread):
     def run(self) -> None:
         try:
             while True:
-                length, stream_id, _, _ = struct.unpack(">IIBB", self.recv(10))
+                length, stream_id, _unused, _unused = struct.unpack(">IIBB", self.recv(10))
                 request = ttrpc.REQUEST.decode(self.recv(length))
                 self.requests[request["method"]] = request
                 body = ttrpc.RESPONSE.encode({"payload": self.replies.get(request["method"], b"")})
@@ -178,7 +178,7 @@ def test_state_reply_mapping(served) -> None:
 
 def test_state_reply_of_an_exited_process(served) -> None:
     reply = varint(3, 42) + varint(4, 3) + varint(9, 137) + nested(10, varint(1, 1700000000), varint(2, 9))
-    task, _ = served({"State": reply})
+    task, _unused = served({"State": reply})
     state = task.state("c1")
     assert (state.status, state.exit_status, state.exited_at_ns) == ("stopped", 137, 1700000000000000009)
     assert state.exited_at == datetime.datetime(2023, 11, 14, 22, 13, 20, tzinfo=datetime.timezone.utc)
@@ -187,7 +187,7 @@ def test_state_reply_of_an_exited_process(served) -> None:
 @pytest.mark.parametrize("code, name", [(0, "unknown"), (1, "created"), (3, "stopped"), (4, "paused"),
                                         (5, "pausing"), (77, "unknown")])
 def test_status_names(served, code: int, name: str) -> None:
-    task, _ = served({"State": varint(4, code)})
+    task, _unused = served({"State": varint(4, code)})
     assert task.state("c1").status == name
 
 

@@ -95,8 +95,8 @@ def v1_tree(root: str) -> Dict[str, str]:
     return {
         "cpuacct": _write_dir(os.path.join(root, "cpuacct", "c1"), {
             "cpuacct.usage": "1500000000\n",
-            "cpuacct.stat": "user {}\nsystem {}\n".format(120 * os.sysconf("SC_CLK_TCK") // 100,
-                                                            30 * os.sysconf("SC_CLK_TCK") // 100)}),
+            "cpuacct.stat": "user {}\nsystem {}\n".format(
+                120 * os.sysconf("SC_CLK_TCK") // 100, 30 * os.sysconf("SC_CLK_TCK") // 100)}),
         "cpu": _write_dir(os.path.join(root, "cpu", "c1"), {
             "cpu.stat": "nr_periods 40\nnr_throttled 7\nthrottled_time 250000000\nnr_bursts 0\nburst_time 0\n"}),
         "memory": _write_dir(os.path.join(root, "memory", "nested", "c1"), {

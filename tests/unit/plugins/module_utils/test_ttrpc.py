@@ -155,10 +155,10 @@ def test_out_of_order_responses_reach_their_callers(pair) -> None:
 def test_a_blocking_call_does_not_hold_up_others(pair) -> None:
     client, peer = pair
     wait_call = Call(client, "Wait")
-    wait_id, _ = peer.read_request()
-    for _ in range(3):
+    wait_id, _unused = peer.read_request()
+    for _unused in range(3):
         state = Call(client, "State")
-        state_id, _ = peer.read_request()
+        state_id, _unused = peer.read_request()
         peer.respond(state_id, b"running")
         assert state.outcome() == b"running"
     assert wait_call.is_alive()
@@ -175,10 +175,10 @@ def test_a_blocking_call_does_not_hold_up_others(pair) -> None:
 def test_status_codes_map_to_exception_classes(pair, code: int, cls: type) -> None:
     client, peer = pair
     call = Call(client, "M")
-    stream_id, _ = peer.read_request()
+    stream_id, _unused = peer.read_request()
     peer.respond(stream_id, code=code, message="container x: the reason")
     error = call.outcome()
-    assert type(error) is cls
+    assert error.__class__ is cls  # exactly this class, not a subclass
     assert error.code == code
     assert str(error) == "container x: the reason"
     assert isinstance(error, ttrpc.TtrpcError)
@@ -187,7 +187,7 @@ def test_status_codes_map_to_exception_classes(pair, code: int, cls: type) -> No
 def test_connection_loss_fails_every_pending_call_and_later_ones(pair) -> None:
     client, peer = pair
     calls = [Call(client, "M{}".format(index)) for index in range(3)]
-    for _ in calls:
+    for _unused in calls:
         peer.read_request()
     peer.sock.shutdown(socket.SHUT_RDWR)
     for call in calls:
@@ -200,7 +200,7 @@ def test_connection_loss_fails_every_pending_call_and_later_ones(pair) -> None:
 def test_a_frame_cut_in_the_middle_is_a_closed_connection(pair) -> None:
     client, peer = pair
     call = Call(client, "M")
-    stream_id, _ = peer.read_request()
+    stream_id, _unused = peer.read_request()
     peer.sock.sendall(struct.pack(">IIBB", 100, stream_id, 2, 0) + b"\x00" * 10)
     peer.sock.close()
     assert isinstance(call.outcome(), TtrpcClosedError)
@@ -218,9 +218,9 @@ def test_close_fails_pending_calls(pair) -> None:
 def test_oversize_response_is_discarded_and_the_connection_goes_on(pair) -> None:
     client, peer = pair
     big = Call(client, "Big")
-    big_id, _ = peer.read_request()
+    big_id, _unused = peer.read_request()
     small = Call(client, "Small")
-    small_id, _ = peer.read_request()
+    small_id, _unused = peer.read_request()
     sender = threading.Thread(target=peer.send_raw, args=(big_id, b"\x00" * (MAX_MESSAGE_SIZE + 1)), daemon=True)
     sender.start()
     error = big.outcome()
@@ -245,12 +245,12 @@ def test_per_call_timeout_and_late_reply_is_dropped(pair) -> None:
     client, peer = pair
     started = time.monotonic()
     late = Call(client, "Slow", timeout=0.2)
-    late_id, _ = peer.read_request()
+    late_id, _unused = peer.read_request()
     assert isinstance(late.outcome(), TtrpcDeadlineExceededError)
     assert time.monotonic() - started < 5
     peer.respond(late_id, b"too late")  # nobody waits for it any more
     call = Call(client, "Next")
-    next_id, _ = peer.read_request()
+    next_id, _unused = peer.read_request()
     assert next_id == late_id + 2
     peer.respond(next_id, b"next")
     assert call.outcome() == b"next"
@@ -259,7 +259,7 @@ def test_per_call_timeout_and_late_reply_is_dropped(pair) -> None:
 def test_undecodable_response_fails_only_that_call(pair) -> None:
     client, peer = pair
     call = Call(client, "M")
-    stream_id, _ = peer.read_request()
+    stream_id, _unused = peer.read_request()
     peer.send_raw(stream_id, b"\x0a\x05ab")  # status field claims 5 bytes, has 2
     assert isinstance(call.outcome(), ttrpc.TtrpcProtocolError)
     assert not client.closed
@@ -268,7 +268,7 @@ def test_undecodable_response_fails_only_that_call(pair) -> None:
 def test_responses_for_unknown_ids_and_data_frames_are_ignored(pair) -> None:
     client, peer = pair
     call = Call(client, "M")
-    stream_id, _ = peer.read_request()
+    stream_id, _unused = peer.read_request()
     peer.respond(99, b"stray")
     peer.send_raw(stream_id, b"data frame", kind=3)
     peer.respond(stream_id, b"mine")
@@ -297,7 +297,7 @@ def test_bad_addresses_are_refused(address: str, match: str) -> None:
 def _serve_once(listener: socket.socket) -> threading.Thread:
     """Accept one client and answer one request with b'pong' (the protocol's other end)."""
     def run() -> None:
-        conn, _ = listener.accept()
+        conn, _unused = listener.accept()
         peer = Peer(conn)
         stream_id, request = peer.read_request()
         peer.respond(stream_id, b"pong:" + request["method"].encode())
