@@ -56,6 +56,7 @@ TIMED_OUT_MESSAGE = "command timed out"
 DRAIN_SECONDS = 0.25          # after a timeout kill, how long to read what is still buffered
 CONMON_EXIT_WAIT = 10.0       # how long conmon may take to report after its command was killed
 KILL_RESCAN_SECONDS = 5.0     # bound on the stop-and-rescan loop (it ends as soon as a scan finds nothing new)
+KILL_SETTLE_SECONDS = 0.02    # after a kill round, time for forks that were in flight to become visible
 STDIN_CHUNK = 65536
 _NOT_FOUND_MARKERS = ("no such file or directory", "not found", "failed to load")
 _NOT_EXECUTABLE_MARKERS = ("permission denied", "exec format error", "is a directory", "not executable",
@@ -475,15 +476,28 @@ def _stop_then_kill(tree: _ExecTree, exec_pid: Optional[int]) -> int:
     if main is not None and main.signal(signal.SIGSTOP):
         stopped[main.pid] = main
     deadline = time.monotonic() + KILL_RESCAN_SECONDS
+    killed = 0
+    while time.monotonic() < deadline:
+        _stop_members(tree, stopped, deadline)
+        killed += sum(1 for identity in stopped.values() if identity.signal(signal.SIGKILL))
+        stopped.clear()
+        # A fork that was in flight when its parent stopped shows up only now: look once more.
+        time.sleep(KILL_SETTLE_SECONDS)
+        if not tree.victims():
+            break
+    return killed
+
+
+def _stop_members(tree: _ExecTree, stopped: Dict[int, ProcessIdentity], deadline: float) -> None:
+    """SIGSTOP every member (a stopped process cannot fork) until a scan finds none new."""
     while time.monotonic() < deadline:
         fresh = [pid for pid in tree.victims() if pid not in stopped]
         if not fresh:
-            break
+            return
         for pid in fresh:
             identity = _identity(pid)
             if identity is not None and identity.signal(signal.SIGSTOP):
                 stopped[pid] = identity
-    return sum(1 for identity in stopped.values() if identity.signal(signal.SIGKILL))
 
 
 def _identity(pid: int) -> Optional[ProcessIdentity]:
