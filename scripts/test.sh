@@ -2,14 +2,16 @@
 # Installs what is needed (scripts/setup.sh) and runs the tests, as root, on a fresh Debian 12 machine.
 #
 #   scripts/test.sh             everything CI runs: sanity, lint, unit + functional + integration tests (real
-#                               conmon, runc, crun, runsc, containerd shim), molecule default and distros, and
+#                               conmon, runc, crun, runsc, containerd shim), molecule default (this host) and
 #                               one real VM (Debian 12 under qemu)
 #   scripts/test.sh --fast      the everyday subset: unit + functional + integration tests only (a few minutes)
-#   scripts/test.sh --vm-matrix also run every VM scenario (Debian 12 and 13), one after another
+#   scripts/test.sh --vm-matrix also the Debian 13 VM and the distribution containers (molecule/distros)
 #   scripts/test.sh --no-vm     everything but the VM
 # Each stage's outcome is collected; the last line is "stages: N passed, N failed".
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# A copy of this collection that an earlier molecule prerun installed would shadow the checkout.
+rm -rf "${HOME:-/root}/.ansible/collections/ansible_collections/daemonless"
 mode=ci
 for arg in "$@"; do
   case $arg in
@@ -76,13 +78,10 @@ run_stage pytest stage_pytest
 if [ "$mode" != fast ]; then
   run_stage sanity stage_sanity
   run_stage lint stage_lint
-  for scenario in default distros; do
-    [ -f "$repo/molecule/$scenario/molecule.yml" ] && run_stage "molecule-$scenario" stage_molecule "$scenario"
-  done
   case $mode in
-    ci) vms=(vm-bookworm) ;;
-    matrix) vms=(vm-bookworm vm-trixie) ;;
-    *) vms=() ;;
+    ci) vms=(default vm-bookworm) ;;
+    matrix) vms=(default distros vm-bookworm vm-trixie) ;;
+    *) vms=(default) ;;
   esac
   for scenario in "${vms[@]}"; do
     [ -f "$repo/molecule/$scenario/molecule.yml" ] && run_stage "molecule-$scenario" stage_molecule "$scenario"

@@ -37,6 +37,16 @@ def target_dir(persist_root: str) -> str:
     return os.path.join(library_root(persist_root), *PACKAGE.split("."))
 
 
+def _bundle_entry_points() -> None:  # pragma: no cover - never called
+    """Never runs: names the files no module imports, so Ansible's AnsiballZ packs them too.
+
+    AnsiballZ ships only the module_utils a module's code imports (it reads every import
+    statement, also inside functions). ``cli.py`` is the entry point of the restart units and is
+    imported by nobody, so without this it would be missing from the copy the units run.
+    """
+    from ansible_collections.daemonless.oci.plugins.module_utils import cli  # noqa: F401  pylint: disable=unused-import
+
+
 def collect_sources() -> Dict[str, bytes]:
     """file name -> source bytes of every module_utils file of ours that this process can see.
 

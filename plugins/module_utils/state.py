@@ -290,7 +290,8 @@ class ContainerFiles:
         """Remove every file of a container, persistent and run-time (the lock file stays)."""
         for path in (self.paths.run_dir(container_id), self.paths.container_dir(container_id)):
             shutil.rmtree(path, ignore_errors=True)
-        for path in (self.paths.exits_file(container_id),):
+        # conmon's exit record for watchers, and its attach symlink (left behind when conmon was killed)
+        for path in (self.paths.exits_file(container_id), os.path.join(self.paths.attach_dir, container_id)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
