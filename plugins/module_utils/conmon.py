@@ -205,10 +205,13 @@ def read_sync_message(sock: socket.socket, timeout: float) -> Dict[str, Any]:
     return message
 
 
-def read_exit_file(path: str) -> Optional[Tuple[int, datetime]]:
+def read_exit_file(path: str, not_before: Optional[datetime] = None) -> Optional[Tuple[int, datetime]]:
     """(exit code, finished time) from conmon's exit file, or None when it does not exist yet.
 
-    The finished time is the file's ctime: conmon renames the file into place at the exit.
+    The finished time is the file's ctime: conmon renames the file into place at the exit. The
+    kernel stamps ctime from a coarse clock (one timer tick, 4 ms at HZ=250), so a process that
+    exits at once can look as if it finished before it started: ``not_before`` (the start time)
+    is the earliest finished time reported.
     """
     try:
         with open(path, "r", encoding="ascii") as handle:
@@ -220,7 +223,10 @@ def read_exit_file(path: str) -> Optional[Tuple[int, datetime]]:
         code = int(text)
     except ValueError as exc:
         raise ConmonError("status code conversion failed: exit file {} holds {!r}".format(path, text[:20])) from exc
-    return code, datetime.fromtimestamp(ctime, timezone.utc)
+    finished = datetime.fromtimestamp(ctime, timezone.utc)
+    if not_before is not None and finished < not_before:
+        finished = not_before
+    return code, finished
 
 
 def write_control(bundle: str, event: int, height: int = 0, width: int = 0) -> None:

@@ -298,7 +298,7 @@ class OciRuntime(RuntimeImpl):
             state.error = "conmon exited without recording the container's exit code"
 
     def _read_exit(self, container: Container, state: Any) -> bool:
-        exit_info = conmon.read_exit_file(self.paths.persist_exit_file(container.id))
+        exit_info = conmon.read_exit_file(self.paths.persist_exit_file(container.id), not_before=state.started)
         if exit_info is None:
             return False
         state.exit_code, state.finished = exit_info

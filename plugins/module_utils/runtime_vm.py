@@ -428,7 +428,7 @@ class VmRuntime(RuntimeImpl):
         decoded.pid = reply.pid
         if decoded.status == CONTAINER_STATE_STOPPED:
             decoded.pid = 0
-            recorded = read_exit_file(self.paths.persist_exit_file(container.id))
+            recorded = read_exit_file(self.paths.persist_exit_file(container.id), not_before=decoded.started)
             decoded.exit_code = reply.exit_status
             decoded.finished = reply.exited_at or (recorded[1] if recorded else now())
         else:
@@ -443,7 +443,7 @@ class VmRuntime(RuntimeImpl):
         state = container.state
         state.status = CONTAINER_STATE_STOPPED
         state.pid = 0
-        recorded = read_exit_file(self.paths.persist_exit_file(container.id))
+        recorded = read_exit_file(self.paths.persist_exit_file(container.id), not_before=state.started)
         if recorded is not None:
             state.exit_code, finished = recorded
             state.finished = state.finished or finished

@@ -231,3 +231,10 @@ def test_control_fifo_without_reader_is_not_running(tmp_path):
     os.mkfifo(str(tmp_path / "ctl"))
     with pytest.raises(OciError, match="not running"):
         conmon.write_control(str(tmp_path), conmon.REOPEN_LOGS_EVENT)
+
+
+def test_exit_file_finished_is_never_before_started(tmp_path):
+    from datetime import datetime, timedelta, timezone
+    (tmp_path / "exit").write_text("0")
+    later = datetime.now(timezone.utc) + timedelta(seconds=5)
+    assert conmon.read_exit_file(str(tmp_path / "exit"), not_before=later)[1] == later
