@@ -17,6 +17,7 @@ Source strings:
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -172,17 +173,18 @@ def parse_json_document(data: bytes, what: str) -> Dict[str, Any]:
     return document
 
 
-class BlobSource:
+class BlobSource(abc.ABC):
     """Base for a place that holds blobs by digest plus a top-level index."""
 
     description = "image source"
 
+    @abc.abstractmethod
     def open_blob(self, digest: str) -> IO[bytes]:
-        raise NotImplementedError
+        """An open binary file of the blob with this digest (not yet verified)."""
 
+    @abc.abstractmethod
     def top_index(self) -> Dict[str, Any]:
         """The OCI index that lists the images this source holds."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release open files and temporary copies."""
