@@ -5,6 +5,7 @@
 #     skopeo (comparisons, images), debootstrap + qemu (test VMs), docker-registry (image tests).
 #   - A venv with the pinned Python packages of tests/requirements.txt, kept under
 #     /var/cache/daemonless-oci and keyed by the requirements' hash.
+#   - containers.podman (molecule's podman driver), from the hash-pinned community package.
 #   - ansible-test's pip bootstrap, provided from the installed pip (its usual download host is
 #     not reachable from the project's machines).
 # Prints the venv's path on its last line.
@@ -50,6 +51,27 @@ if [ ! -x "$venv/bin/ansible-playbook" ]; then
   # a venv's scripts name their interpreter by path: create in place, then rename, then rewrite shebangs
   mv "$venv.tmp" "$venv"
   grep -rl "$venv.tmp" "$venv/bin" | xargs -r sed -i "s|$venv.tmp|$venv|g"
+fi
+
+# containers.podman for molecule's podman driver (molecule/distros) and the podman column of bench/playbook:
+# extracted from the hash-pinned community package, since the collection index is not reachable here.
+colls=/var/cache/daemonless-oci/collections
+if [ ! -f "$colls/ansible_collections/containers/podman/MANIFEST.json" ]; then
+  log "installing containers.podman into $colls"
+  wheels=$(mktemp -d)
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --require-hashes \
+    -r "$repo/tests/collections-requirements.txt" -d "$wheels" >&2
+  rm -rf "$colls.tmp"
+  "$python" - "$wheels"/ansible-*.whl "$colls.tmp" <<'PY'
+import sys, zipfile
+prefix = "ansible_collections/containers/podman/"
+with zipfile.ZipFile(sys.argv[1]) as wheel:   # extract() keeps every member inside the target directory
+    for member in wheel.namelist():
+        if member.startswith(prefix):
+            wheel.extract(member, sys.argv[2])
+PY
+  rm -rf "$wheels" "$colls"
+  mv "$colls.tmp" "$colls"
 fi
 
 # ansible-test sanity bootstraps pip in its own venvs from a host we cannot reach; hand it a stand-in

@@ -2,11 +2,12 @@
 # Installs what is needed (scripts/setup.sh) and runs the tests, as root, on a fresh Debian 12 machine.
 #
 #   scripts/test.sh             everything CI runs: sanity, lint, unit + functional + integration tests (real
-#                               conmon, runc, crun, runsc, containerd shim), molecule default (this host) and
-#                               one real VM (Debian 12 under qemu)
-#   scripts/test.sh --fast      the everyday subset: unit + functional + integration tests only (a few minutes)
-#   scripts/test.sh --vm-matrix also the Debian 13 VM and the distribution containers (molecule/distros)
-#   scripts/test.sh --no-vm     everything but the VM
+#                               conmon, runc, crun, runsc, containerd shim) and the testbed's own tests, then
+#                               the molecule scenarios default (this host), distros (Debian 12, 13, unstable in
+#                               containers) and vm-bookworm (one real VM, Debian 12 under qemu)
+#   scripts/test.sh --fast      the everyday subset: the pytest stage only (a few minutes)
+#   scripts/test.sh --vm-matrix the whole matrix: also the Debian 13 VM (vm-trixie)
+#   scripts/test.sh --no-vm     everything but the VMs
 # Each stage's outcome is collected; the last line is "stages: N passed, N failed".
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +19,7 @@ for arg in "$@"; do
     --fast) mode=fast ;;
     --vm-matrix) mode=matrix ;;
     --no-vm) mode=novm ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -65,13 +66,14 @@ stage_lint() {
 
 stage_pytest() {
   local paths=()
-  for path in tests/unit tests/functional tests/integration; do [ -d "$repo/$path" ] && paths+=("$path"); done
+  for path in tests/unit tests/functional tests/integration testbed/tests; do [ -d "$repo/$path" ] && paths+=("$path"); done
   (cd "$repo" && python3 tests/tools/subreaper.py "$venv/bin/python" -m pytest -p no:cacheprovider -q -rs \
      --durations=15 "${paths[@]}")
 }
 
-stage_molecule() {  # stage_molecule SCENARIO
-  (cd "$repo" && molecule test -s "$1")
+stage_molecule() {  # stage_molecule SCENARIO...: one run-matrix, which prints a table of what ran and proved
+  echo "molecule scenarios run by this stage: $*"
+  (cd "$repo" && python3 testbed/run-matrix --echo --run-dir "$logdir/molecule" "$@")
 }
 
 run_stage pytest stage_pytest
@@ -79,13 +81,11 @@ if [ "$mode" != fast ]; then
   run_stage sanity stage_sanity
   run_stage lint stage_lint
   case $mode in
-    ci) vms=(default vm-bookworm) ;;
-    matrix) vms=(default distros vm-bookworm vm-trixie) ;;
-    *) vms=(default) ;;
+    ci) scenarios=(default distros vm-bookworm) ;;
+    matrix) scenarios=(default distros vm-bookworm vm-trixie) ;;
+    *) scenarios=(default distros) ;;
   esac
-  for scenario in "${vms[@]}"; do
-    [ -f "$repo/molecule/$scenario/molecule.yml" ] && run_stage "molecule-$scenario" stage_molecule "$scenario"
-  done
+  run_stage molecule stage_molecule "${scenarios[@]}"
 fi
 
 passed=0 failed=0

@@ -162,23 +162,147 @@ def test_verify_banner_is_not_a_step_start():
 
 
 def test_scenario_meta_reads_the_real_scenarios():
-    assert run_matrix.scenario_meta("vm-bookworm") == {"distro": "bookworm", "runtime": "runc"}
-    assert run_matrix.scenario_meta("vm-trixie") == {"distro": "trixie", "runtime": "runc"}
+    bookworm = run_matrix.scenario_meta("vm-bookworm")
+    assert (bookworm["distro"], bookworm["platforms"]) == ("bookworm", {"tb-vm-bookworm": "bookworm"})
+    assert run_matrix.scenario_meta("vm-trixie")["platforms"] == {"tb-vm-trixie": "trixie"}
+    distros = run_matrix.scenario_meta("distros")
+    assert sorted(distros["platforms"].values()) == ["bookworm", "sid", "trixie"]
+    default = run_matrix.scenario_meta("default")
+    assert default["platforms"] == {"localhost": run_matrix.HOST_LABEL}
+    assert default["runtime"] == "runc, crun, runsc"
     with pytest.raises(tblib.TestbedError, match="no scenario"):
         run_matrix.scenario_meta("vm-nope")
 
 
-def test_summary_files(tmp_path):
+def _record(**overrides):
     record = {"scenario": "vm-bookworm", "distro": "bookworm", "runtime": "runc", "seconds": 151.4,
-              "result": "fail", "failed_step": "converge", "log": "x",
+              "result": "fail", "failed_step": "converge", "log": "x", "verify": [],
               "steps": [{"step": "create", "seconds": 30.2, "outcome": "Successful"},
                         {"step": "converge", "seconds": 12.0, "outcome": "Failed"}]}
-    table = run_matrix.write_summary(tmp_path, [record], "2026-01-01T00:00:00Z")
+    record.update(overrides)
+    return record
+
+
+def test_summary_files(tmp_path):
+    table = run_matrix.write_summary(tmp_path, [_record()], "2026-01-01T00:00:00Z")
     row = table.splitlines()[2]
     assert row.startswith("| vm-bookworm | bookworm | runc | create 30s, converge 12s (1/2 ok); failed in converge")
     assert row.endswith("| 2m31s | FAIL |")
     assert json.loads((tmp_path / "summary.json").read_text())["scenarios"][0]["result"] == "fail"
-    assert (tmp_path / "summary.md").read_text().endswith(table)
+    summary = (tmp_path / "summary.md").read_text()
+    assert table.split("\n\n")[0] in summary
+    assert "| vm-bookworm | bookworm | not verified (fail) |" in summary
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="6">
+ <testcase classname="test_vm" name="test_kernel[ansible://tb-vm-bookworm]"/>
+ <testcase classname="test_vm" name="test_exec[ansible://tb-vm-bookworm-runc]"/>
+ <testcase classname="test_vm" name="test_exec[ansible://tb-vm-bookworm-crun]"><failure message="rc 1">x</failure></testcase>
+ <testcase classname="test_vm" name="test_web[ansible://tb-vm-bookworm-runc]"/>
+ <testcase classname="test_vm" name="test_kata[ansible://tb-vm-bookworm-kata]">
+  <skipped type="pytest.skip" message="no package source offers kata-containers">s</skipped></testcase>
+ <testcase classname="test_vm" name="test_vm_handler[ansible://tb-vm-bookworm-vm-shim]"/>
+</testsuite></testsuites>
+"""
+
+
+def test_support_table_reads_testinfra_junit(tmp_path):
+    junit = tmp_path / "vm-bookworm.verify.xml"
+    junit.write_text(JUNIT)
+    cases = run_matrix.verify_results(junit, {"tb-vm-bookworm": "bookworm"})
+    assert [(c["distro"], c["runtime"], c["outcome"]) for c in cases] == [
+        ("bookworm", "", "passed"), ("bookworm", "runc", "passed"), ("bookworm", "crun", "failed"),
+        ("bookworm", "runc", "passed"), ("bookworm", "kata", "skipped"), ("bookworm", "vm-shim", "passed")]
+    table = run_matrix.support_table([_record(verify=cases, result="pass")])
+    assert table.splitlines()[2] == ("| vm-bookworm | bookworm | 2/2 passed | 1/1 FAILED | - | 1/1 passed | "
+                                     "skipped: no package source offers kata-containers | 1/1 passed |")
+
+
+def test_case_labels_tell_platforms_apart():
+    platforms = {"dloci-tb-bookworm": "bookworm", "dloci-tb-sid": "sid"}
+    assert run_matrix.case_labels("test_x[podman://dloci-tb-sid-runsc]", platforms) == ("sid", "runsc")
+    assert run_matrix.case_labels("test_x[podman://dloci-tb-bookworm]", platforms) == ("bookworm", None)
+    assert run_matrix.case_labels("test_x[ansible://localhost-crun]", {"localhost": "this host"}) == (
+        "this host", "crun")
+
+
+def test_missing_or_broken_junit_gives_no_cases(tmp_path):
+    assert run_matrix.verify_results(tmp_path / "absent.xml", {}) == []
+    (tmp_path / "bad.xml").write_text("<testsuites><testcase")
+    assert run_matrix.verify_results(tmp_path / "bad.xml", {}) == []
+
+
+def test_update_readme_replaces_only_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n%s\nold table\n%s\nafter\n" % (run_matrix.README_BEGIN, run_matrix.README_END))
+    run_matrix.update_readme(readme, [_record(result="pass")], "2026-01-02T03:04:05Z")
+    text = readme.read_text()
+    assert text.startswith("before\n" + run_matrix.README_BEGIN + "\n")
+    assert text.endswith(run_matrix.README_END + "\nafter\n")
+    assert "old table" not in text and "_Last run: 2026-01-02T03:04:05Z, scenarios vm-bookworm pass._" in text
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(tblib.TestbedError, match="no support-table markers"):
+        run_matrix.update_readme(tmp_path / "plain.md", [], "x")
+    assert (tmp_path / "plain.md").read_text() == "no markers\n"
+
+
+def test_jobs_must_be_auto_or_positive():
+    assert run_matrix.choose_jobs("3", ["vm-bookworm"]) == 3
+    assert run_matrix.choose_jobs("auto", ["default"]) == 1
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(tblib.TestbedError, match="--jobs"):
+            run_matrix.choose_jobs(bad, ["vm-bookworm"])
+
+
+# A stand-in for molecule: a real `molecule test` costs minutes per scenario, and CI runs the real
+# one through run-matrix anyway. This one prints molecule's step lines, sleeps, writes a JUnit
+# file where PYTEST_ADDOPTS says, and fails for scenario "bad".
+FAKE_MOLECULE = r"""#!/bin/sh
+s=$3
+echo "INFO     [$s > converge] Executing"
+echo "start $s" >> "$FAKE_TRACE"
+sleep 0.5
+echo "end $s" >> "$FAKE_TRACE"
+junit=${PYTEST_ADDOPTS#*--junitxml=}
+echo '<testsuites><testcase name="test_a[ansible://p-runc]"/></testsuites>' > "$junit"
+if [ "$s" = bad ]; then echo "INFO     [$s > converge] Executed: Failed"; exit 2; fi
+echo "INFO     [$s > converge] Executed: Successful"
+"""
+
+
+@pytest.fixture()
+def fake_molecule(tmp_path, monkeypatch):
+    script = tmp_path / "fake-molecule"
+    script.write_text(FAKE_MOLECULE)
+    script.chmod(0o755)
+    monkeypatch.setenv("TB_MOLECULE", str(script))
+    monkeypatch.setenv("FAKE_TRACE", str(tmp_path / "trace"))
+    monkeypatch.setattr(run_matrix, "scenario_meta",
+                        lambda s: {"distro": s, "runtime": "runc", "platforms": {"p": s}})
+    return tmp_path
+
+
+def test_run_all_runs_jobs_side_by_side_and_keeps_order(fake_molecule, capsys):
+    run_dir = fake_molecule / "run"
+    run_dir.mkdir()
+    runs = run_matrix.run_all(["a", "bad", "c"], run_dir, 3, False, "t0", echo=True)
+    assert [(r.scenario, r.result) for r in runs] == [("a", "pass"), ("bad", "fail"), ("c", "pass")]
+    records = [r.record() for r in runs]
+    assert records[1]["failed_step"] == "converge"
+    assert records[0]["verify"][0]["runtime"] == "runc"
+    trace = (fake_molecule / "trace").read_text().splitlines()
+    assert sorted(trace[:3]) == ["start a", "start bad", "start c"]   # all three ran side by side
+    assert json.loads((run_dir / "summary.json").read_text())["scenarios"][2]["result"] == "pass"
+    assert "[bad] INFO     [bad > converge] Executed: Failed" in capsys.readouterr().out
+
+
+def test_run_all_stops_after_a_failure_when_asked(fake_molecule):
+    run_dir = fake_molecule / "run"
+    run_dir.mkdir()
+    runs = run_matrix.run_all(["bad", "a"], run_dir, 1, True, "t0")
+    assert [r.scenario for r in runs] == ["bad"]
+    assert (fake_molecule / "trace").read_text().splitlines() == ["start bad", "end bad"]
 
 
 # --- tblib -------------------------------------------------------------------------------------
@@ -236,3 +360,42 @@ def test_remove_tree(tmp_path):
     tblib.remove_tree(tmp_path / "a")
     assert not (tmp_path / "a").exists()
     tblib.remove_tree(tmp_path / "missing")
+SLOW_FAKE_MOLECULE = r"""#!/bin/sh
+echo "$1 $3 $$" >> "$FAKE_TRACE"
+[ "$1" = destroy ] && exit 0
+echo "INFO     [$3 > create] Executing"
+exec sleep 60
+"""
+
+
+def test_interrupted_matrix_stops_every_scenario_and_destroys_it(tmp_path):
+    """SIGTERM to run-matrix: each running molecule's group is killed, `molecule destroy` runs for
+    each, the summary says interrupted, and the exit status is 130. molecule is a stand-in that
+    sleeps (the real one is exercised by CI's molecule stage)."""
+    script = tmp_path / "fake-molecule"
+    script.write_text(SLOW_FAKE_MOLECULE)
+    script.chmod(0o755)
+    trace = tmp_path / "trace"
+    env = dict(os.environ, TB_MOLECULE=str(script), FAKE_TRACE=str(trace), TB_STATE=str(tmp_path / "state"))
+    proc = subprocess.Popen([sys.executable, str(TESTBED / "run-matrix"), "vm-bookworm", "vm-trixie", "--jobs", "2",
+                             "--run-dir", str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not trace.exists() or len(trace.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(15)
+    try:
+        output, _unused = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    lines = [line.split() for line in trace.read_text().splitlines()]
+    assert sorted((verb, scen) for verb, scen, _pid in lines) == [
+        ("destroy", "vm-bookworm"), ("destroy", "vm-trixie"), ("test", "vm-bookworm"), ("test", "vm-trixie")]
+    for verb, _scen, pid in lines:
+        if verb == "test":
+            assert not Path("/proc/%s" % pid).exists() or "zombie" in Path("/proc/%s/status" % pid).read_text()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [(s["scenario"], s["result"], s["failed_step"]) for s in summary["scenarios"]] == [
+        ("vm-bookworm", "interrupted", "create"), ("vm-trixie", "interrupted", "create")]
