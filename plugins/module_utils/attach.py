@@ -32,6 +32,7 @@ from ansible_collections.daemonless.oci.plugins.module_utils import conmon
 from ansible_collections.daemonless.oci.plugins.module_utils.container import Container
 from ansible_collections.daemonless.oci.plugins.module_utils.errors import InvalidStateError, OciError
 from ansible_collections.daemonless.oci.plugins.module_utils.procutil import ProcessIdentity
+from ansible_collections.daemonless.oci.plugins.module_utils.streams import Writer, fileno_or_none, writer_for
 
 STDIN_PACKET_MAX = 32768        # conmon's read buffer on the attach socket
 OUTPUT_PACKET_MAX = 8193        # conmon's 8192-byte reads plus the stream byte
@@ -43,29 +44,7 @@ RESIZE_POLL_SECONDS = 0.1
 CLONE_NEWNET = 0x40000000
 DIAL_TIMEOUT_SECONDS = 10.0
 
-Writer = Callable[[bytes], Any]
 ResizeSource = Optional[Callable[[], Optional[Tuple[int, int]]]]
-
-
-def _writer(target: Any) -> Writer:
-    """A callable taking bytes, from a callable, a binary file object, or None (discard)."""
-    if target is None:
-        return lambda data: None
-    if callable(target):
-        return target
-
-    def write(data: bytes) -> None:
-        target.write(data)
-        if hasattr(target, "flush"):
-            target.flush()
-    return write
-
-
-def _fileno(stream: Any) -> Optional[int]:
-    try:
-        return stream.fileno() if stream is not None else None
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 # attach
@@ -117,7 +96,7 @@ class _Attachment:
         self.container = container
         self.sock = sock
         self.stdin = stdin
-        self.writers = {STREAM_STDOUT: _writer(stdout), STREAM_STDERR: _writer(stderr)}
+        self.writers = {STREAM_STDOUT: writer_for(stdout), STREAM_STDERR: writer_for(stderr)}
         self.tty = tty
         self.resize = resize
         self.last_size: Optional[Tuple[int, int]] = None
@@ -188,7 +167,7 @@ def attach(paths: Any, container: Container, stdin: Optional[Any], stdout: Any, 
 def _attach_loop(session: _Attachment, deadline: Optional[float]) -> None:
     poller = select.poll()
     poller.register(session.sock.fileno(), select.POLLIN)
-    source_fd = _fileno(session.stdin)
+    source_fd = fileno_or_none(session.stdin)
     if source_fd is not None:
         poller.register(source_fd, select.POLLIN)
     elif session.stdin is not None:
@@ -346,7 +325,7 @@ class _StreamEnds:
         else:
             reader, writer = stream
             self.read_fd = reader.fileno()
-            self.write = _writer(writer)
+            self.write = writer_for(writer)
             self.close_write = writer.close
 
 

@@ -45,13 +45,13 @@ from ansible_collections.daemonless.oci.plugins.module_utils.exec_sync import (
     exec_process,
     is_sandboxed,
 )
+from ansible_collections.daemonless.oci.plugins.module_utils.streams import Writer, fileno_or_none, writer_for
 
 STDIN_CHUNK = 65536
 CONSOLE_WAIT_SECONDS = 60.0   # how long the runtime may take to send the console's master fd
 RESIZE_POLL_MS = 100
 TRANSCRIPT_BYTES = 4096       # what we keep of the output to explain a runtime failure
 
-Writer = Callable[[bytes], Any]
 ResizeSource = Optional[Callable[[], Optional[Tuple[int, int]]]]
 
 
@@ -85,27 +85,6 @@ def runtime_exec(rt: Any, container: Container, command: List[str], stdin: Optio
 
 def _needs_console_socket(rt: Any) -> bool:
     return os.path.basename(rt.snapshot.runtime_path) == "crun"
-
-
-def writer_for(target: Any) -> Writer:
-    """A callable taking bytes, from a callable, a binary file object, or None (discard)."""
-    if target is None:
-        return lambda data: None
-    if callable(target):
-        return target
-
-    def write(data: bytes) -> None:
-        target.write(data)
-        if hasattr(target, "flush"):
-            target.flush()
-    return write
-
-
-def _fileno(stream: Any) -> Optional[int]:
-    try:
-        return stream.fileno() if stream is not None else None
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def _kill_session(process: "subprocess.Popen[bytes]") -> None:
@@ -159,7 +138,7 @@ def _relay_pipes(source: Optional[BinaryIO], sink: Optional[BinaryIO], outputs: 
     poller = select.poll()
     for fd in outputs:
         poller.register(fd, select.POLLIN)
-    source_fd = _fileno(source)
+    source_fd = fileno_or_none(source)
     if source_fd is not None and sink is not None:
         poller.register(source_fd, select.POLLIN)
     elif sink is not None:
@@ -323,7 +302,7 @@ def relay_console(master: int, stdin: Optional[BinaryIO], on_output: Writer, res
     last_size: Optional[Tuple[int, int]] = None
     poller = select.poll()
     poller.register(master, select.POLLIN)
-    source_fd = _fileno(stdin)
+    source_fd = fileno_or_none(stdin)
     if source_fd is not None:
         poller.register(source_fd, select.POLLIN)
     while True:

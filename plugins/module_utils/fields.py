@@ -320,6 +320,20 @@ _WAIT_FOR_OPTIONS = {
 }
 
 
+# The options of the doc fragment daemonless.oci.common, which every module takes: where the runtime
+# configuration and the state live. Defined once, so that no module's spec can drift from the fragment.
+COMMON_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "config_file": {"type": "path"},
+    "run_root": {"type": "path"},
+    "persist_root": {"type": "path"},
+}
+
+
+def common_options() -> Dict[str, Dict[str, Any]]:
+    """A fresh copy of COMMON_OPTIONS for one module's argument_spec (AnsibleModule may annotate it)."""
+    return {name: dict(spec) for name, spec in COMMON_OPTIONS.items()}
+
+
 def _f(name: str, klass: str, spec: Dict[str, Any], normalise: Callable[[Any], Any] = norm_identity,
        options: Optional[Dict[str, Dict[str, Any]]] = None) -> Field:
     return Field(name, klass, spec, normalise, dict(options or {}))
@@ -328,9 +342,7 @@ def _f(name: str, klass: str, spec: Dict[str, Any], normalise: Callable[[Any], A
 FIELDS: List[Field] = [
     # context: never compared
     _f("name", CONTEXT, {"type": "str", "required": True}),
-    _f("config_file", CONTEXT, {"type": "path"}),
-    _f("run_root", CONTEXT, {"type": "path"}),
-    _f("persist_root", CONTEXT, {"type": "path"}),
+    *[_f(name, CONTEXT, spec) for name, spec in common_options().items()],
     _f("systemd_unit_dir", CONTEXT, {"type": "path"}),
     # actions: what to do now
     _f("state", ACTION, {"type": "str", "default": "started", "choices": list(STATES)}),

@@ -69,6 +69,7 @@ from ansible_collections.daemonless.oci.plugins.module_utils.shim import (
 from ansible_collections.daemonless.oci.plugins.module_utils.signals import parse_signal
 from ansible_collections.daemonless.oci.plugins.module_utils.state import StatePaths, atomic_write_json, \
     make_private_dir
+from ansible_collections.daemonless.oci.plugins.module_utils.streams import writer_for
 from ansible_collections.daemonless.oci.plugins.module_utils.ttrpc import (
     TtrpcClosedError,
     TtrpcDeadlineExceededError,
@@ -596,7 +597,7 @@ class VmRuntime(RuntimeImpl):
         if container.is_spoofed:
             return 0
         task = self._task(container)
-        sinks = {"stdout": _writer(stdout), "stderr": _writer(stderr)}
+        sinks = {"stdout": writer_for(stdout), "stderr": writer_for(stderr)}
         io = self._exec_io(container, stdin is not None, tty, sinks=sinks)
         exec_id = secrets.token_hex(16)
         try:
@@ -738,19 +739,6 @@ def _close_stdin(task: TaskClient, container_id: str, exec_id: str, io: ProcessI
         task.close_io(container_id, exec_id)
     except TtrpcError:
         pass
-
-
-def _writer(target: Any) -> Callable[[bytes], None]:
-    if target is None:
-        return lambda data: None
-    if callable(target):
-        return target
-
-    def write(data: bytes) -> None:
-        target.write(data)
-        if hasattr(target, "flush"):
-            target.flush()
-    return write
 
 
 def _remove_namespace_dir_if_empty() -> None:

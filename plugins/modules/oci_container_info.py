@@ -119,6 +119,7 @@ containers:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.daemonless.oci.plugins.module_utils.errors import OciError
+from ansible_collections.daemonless.oci.plugins.module_utils.fields import common_options
 from ansible_collections.daemonless.oci.plugins.module_utils.info import gather
 
 
@@ -133,9 +134,7 @@ def main() -> None:
             }},
             "logs": {"type": "bool", "default": False},
             "logs_tail": {"type": "int", "default": 50},
-            "config_file": {"type": "path"},
-            "run_root": {"type": "path"},
-            "persist_root": {"type": "path"},
+            **common_options(),
         },
         supports_check_mode=True,
     )

@@ -83,9 +83,9 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from ansible_collections.daemonless.oci.plugins.module_utils.errors import OciError
 from ansible_collections.daemonless.oci.plugins.module_utils.executor import WaitForError, converge
-from ansible_collections.daemonless.oci.plugins.module_utils.fields import argument_spec, constraints
+from ansible_collections.daemonless.oci.plugins.module_utils.fields import argument_spec, common_options, constraints
 
-SHARED = ("config_file", "run_root", "persist_root")
+SHARED = tuple(common_options())
 
 
 def validated_items(module: AnsibleModule) -> list:
@@ -126,9 +126,7 @@ def main() -> None:
         argument_spec={
             "containers": {"type": "list", "elements": "dict", "required": True},
             "defaults": {"type": "dict", "default": {}},
-            "config_file": {"type": "path"},
-            "run_root": {"type": "path"},
-            "persist_root": {"type": "path"},
+            **common_options(),
         },
         supports_check_mode=True,
     )

@@ -190,11 +190,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 
-COMMON_OPTIONS = dict(
-    config_file=dict(type="path"),
-    run_root=dict(type="path"),
-    persist_root=dict(type="path"),
-)
+from ansible_collections.daemonless.oci.plugins.module_utils.fields import common_options
 
 
 def argument_spec():
@@ -212,7 +208,7 @@ def argument_spec():
         output_limit=dict(type="int", default=16 * 1024 * 1024),
         strip_empty_ends=dict(type="bool", default=True),
     )
-    spec.update(COMMON_OPTIONS)
+    spec.update(common_options())
     return spec
 
 

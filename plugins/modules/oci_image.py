@@ -202,6 +202,7 @@ gc:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.daemonless.oci.plugins.module_utils.errors import OciError
+from ansible_collections.daemonless.oci.plugins.module_utils.fields import common_options
 from ansible_collections.daemonless.oci.plugins.module_utils.image_module import run
 
 
@@ -217,9 +218,7 @@ def main() -> None:
             "allow_devices": {"type": "bool", "default": False},
             "tls_verify": {"type": "bool", "default": True},
             "authfile": {"type": "path"},
-            "config_file": {"type": "path"},
-            "run_root": {"type": "path"},
-            "persist_root": {"type": "path"},
+            **common_options(),
         },
         required_if=[("state", "present", ["source"]), ("state", "absent", ["name", "gc"], True)],
         supports_check_mode=True,

@@ -111,6 +111,7 @@ images:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.daemonless.oci.plugins.module_utils.errors import OciError
+from ansible_collections.daemonless.oci.plugins.module_utils.fields import common_options
 from ansible_collections.daemonless.oci.plugins.module_utils.image_module import info
 
 
@@ -118,9 +119,7 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "name": {"type": "str"},
-            "config_file": {"type": "path"},
-            "run_root": {"type": "path"},
-            "persist_root": {"type": "path"},
+            **common_options(),
         },
         supports_check_mode=True,
     )

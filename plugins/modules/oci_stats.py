@@ -127,6 +127,7 @@ missing:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.daemonless.oci.plugins.module_utils.errors import OciError
+from ansible_collections.daemonless.oci.plugins.module_utils.fields import common_options
 from ansible_collections.daemonless.oci.plugins.module_utils.stats_report import gather
 
 
@@ -140,9 +141,7 @@ def main() -> None:
             }},
             "interval": {"type": "float", "default": 0},
             "ignore_missing": {"type": "bool", "default": False},
-            "config_file": {"type": "path"},
-            "run_root": {"type": "path"},
-            "persist_root": {"type": "path"},
+            **common_options(),
         },
         supports_check_mode=True,
     )

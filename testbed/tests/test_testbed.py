@@ -360,6 +360,8 @@ def test_remove_tree(tmp_path):
     tblib.remove_tree(tmp_path / "a")
     assert not (tmp_path / "a").exists()
     tblib.remove_tree(tmp_path / "missing")
+
+
 SLOW_FAKE_MOLECULE = r"""#!/bin/sh
 echo "$1 $3 $$" >> "$FAKE_TRACE"
 [ "$1" = destroy ] && exit 0
