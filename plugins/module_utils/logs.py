@@ -8,10 +8,14 @@ tail costs, not what the file costs.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
+
+from ansible_collections.daemonless.oci.plugins.module_utils.errors import OciError
 
 BLOCK = 64 * 1024
+REOPEN_WAIT_SECONDS = 5.0
 STREAMS = ("stdout", "stderr")
 
 
@@ -93,3 +97,25 @@ def tail(path: str, count: int, stream: Optional[str] = None) -> List[LogLine]:
 def tail_text(path: str, count: int) -> str:
     """The tail as plain text, for error messages."""
     return "\n".join("{} {}".format(line.stream, line.text) for line in tail(path, count))
+
+
+def _inode(path: str) -> Optional[int]:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def reopen_and_wait(log_path: str, ask_writer: Callable[[], None], writer_name: str) -> None:
+    """Ask the log's writer (conmon, or our vm monitor) to reopen the log, and wait until it has.
+
+    The writer answers asynchronously through its own event loop, so the only proof is a new file
+    at log_path (a new inode); the wait is bounded so that a wedged writer is an error, not a hang.
+    """
+    before = _inode(log_path)
+    ask_writer()
+    deadline = time.monotonic() + REOPEN_WAIT_SECONDS
+    while _inode(log_path) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if _inode(log_path) == before:
+        raise OciError("{} did not reopen the log {} within {:.0f} s".format(writer_name, log_path, REOPEN_WAIT_SECONDS))

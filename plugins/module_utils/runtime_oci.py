@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from ansible_collections.daemonless.oci.plugins.module_utils import cgroups, conmon
+from ansible_collections.daemonless.oci.plugins.module_utils import cgroups, conmon, logs
 from ansible_collections.daemonless.oci.plugins.module_utils.config import SAFE_PATH, RuntimeConfig
 from ansible_collections.daemonless.oci.plugins.module_utils.container import (
     CONTAINER_STATE_STOPPED,
@@ -43,7 +43,6 @@ from ansible_collections.daemonless.oci.plugins.module_utils.state import StateP
 KILL_WAIT_SECONDS = 120.0      # how long stop waits after SIGKILL before signalling the pid itself
 EXIT_FILE_WAIT_SECONDS = 3.7   # the reference's back-off total for conmon's exit file
 LOST_EXIT_CODE = 255
-REOPEN_WAIT_SECONDS = 5.0
 _HYBRID_MARKER = "cgroups in hybrid mode not supported"
 
 
@@ -344,14 +343,8 @@ class OciRuntime(RuntimeImpl):
         """Ask conmon to reopen (truncate) the log and wait, bounded, until it has."""
         if container.is_spoofed:
             return
-        before = _inode(container.log_path)
-        conmon.write_control(container.bundle_path, conmon.REOPEN_LOGS_EVENT)
-        deadline = time.monotonic() + REOPEN_WAIT_SECONDS
-        while _inode(container.log_path) == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if _inode(container.log_path) == before:
-            raise OciError("conmon did not reopen the log {} within {:.0f} s".format(
-                container.log_path, REOPEN_WAIT_SECONDS))
+        logs.reopen_and_wait(container.log_path,
+                             lambda: conmon.write_control(container.bundle_path, conmon.REOPEN_LOGS_EVENT), "conmon")
 
     # delegated to the files that own each concept
     def container_stats(self, container: Container, cgroup_parent: str) -> Any:
@@ -392,9 +385,3 @@ def _says_missing(result: CompletedCommand) -> bool:
     text = (result.stderr + result.stdout).decode("utf-8", "replace").lower()
     return "does not exist" in text or "not found" in text or "no such" in text
 
-
-def _inode(path: str) -> Optional[int]:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from ansible_collections.daemonless.oci.plugins.module_utils import vm_monitor
+from ansible_collections.daemonless.oci.plugins.module_utils import logs, vm_monitor
 from ansible_collections.daemonless.oci.plugins.module_utils.config import SAFE_PATH, RuntimeConfig
 from ansible_collections.daemonless.oci.plugins.module_utils.conmon import read_exit_file
 from ansible_collections.daemonless.oci.plugins.module_utils.container import (
@@ -85,7 +85,6 @@ SHIM_START_TIMEOUT = 60.0
 DIAL_TIMEOUT = 5.0
 EXEC_DRAIN_SECONDS = 2.0        # after an exec exited, how long its output FIFOs may take to reach EOF
 MONITOR_EXIT_SECONDS = 5.0
-REOPEN_WAIT_SECONDS = 5.0
 STDIN_DRAIN_SECONDS = 5.0
 LOST_EXIT_CODE = 255
 STATUS_MAP = {"created": CONTAINER_STATE_CREATED, "running": CONTAINER_STATE_RUNNING,
@@ -487,15 +486,12 @@ class VmRuntime(RuntimeImpl):
         """Ask the monitor to reopen (truncate) the log, and wait, bounded, until it has."""
         if container.is_spoofed:
             return
-        before = _inode(container.log_path)
-        if not vm_monitor.send(self._files(container).control, "reopen"):
-            raise OciError("container {} has no running vm monitor to reopen its log".format(container.id))
-        deadline = time.monotonic() + REOPEN_WAIT_SECONDS
-        while _inode(container.log_path) == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if _inode(container.log_path) == before:
-            raise OciError("the vm monitor did not reopen the log {} within {:.0f} s".format(
-                container.log_path, REOPEN_WAIT_SECONDS))
+        control = self._files(container).control
+
+        def ask_monitor() -> None:
+            if not vm_monitor.send(control, "reopen"):
+                raise OciError("container {} has no running vm monitor to reopen its log".format(container.id))
+        logs.reopen_and_wait(container.log_path, ask_monitor, "the vm monitor")
 
     # stats
     def container_stats(self, container: Container, cgroup_parent: str) -> Any:
@@ -748,9 +744,3 @@ def _remove_namespace_dir_if_empty() -> None:
     except OSError:
         pass
 
-
-def _inode(path: str) -> Optional[int]:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None

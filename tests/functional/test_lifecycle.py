@@ -139,6 +139,22 @@ def test_log_is_cri_format_and_root_only(manager, busybox_rootfs, handler):
     assert os.stat(manager.paths.persist_root).st_mode & 0o077 == 0
 
 
+def test_log_reopen_moves_new_output_to_a_new_file(manager, busybox_rootfs, handler):
+    """Log rotation: conmon is asked to reopen, the file at log_path is a new one, and output written after
+    the reopen lands there."""
+    args = ["sh", "-c", "n=0; while :; do n=$((n+1)); echo tick$n; sleep 0.1; done"]
+    container = create(manager, busybox_rootfs, "reopen-" + handler, handler, args=args)
+    manager.start(container)
+    wait_for_log(container, "tick2")
+    os.rename(container.log_path, container.log_path + ".1")   # what logrotate does before asking to reopen
+    manager.runtime.reopen_container_log(container)
+    wait_for_log(container, "tick")
+    first_new = int(open(container.log_path).read().split("tick")[1].split()[0])
+    last_old = int(open(container.log_path + ".1").read().rsplit("tick", 1)[1].split()[0])
+    assert first_new > last_old
+    manager.stop(container)
+
+
 @pytest.mark.slow
 def test_oom_kill_is_reported(manager, busybox_rootfs, handler):
     if handler == "runsc":
