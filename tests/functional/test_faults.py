@@ -97,6 +97,44 @@ def test_runtime_refusing_the_spec_leaves_nothing(manager, busybox_rootfs):
     assert runc_list.stdout.strip() == ""
 
 
+# A runtime wrapper for fault injection: runc itself never fails a delete it has carried out, but gVisor
+# does when its sandbox died ("stopping container: context deadline exceeded", seen on Debian unstable).
+FAKE_RUNTIME_FAILING_DELETE = """#!/bin/sh
+for arg in "$@"; do
+  if [ "$arg" = delete ]; then
+    {really_delete}
+    echo "destroying container: stopping container: context deadline exceeded" >&2
+    exit 128
+  fi
+done
+exec /usr/sbin/runc "$@"
+"""
+
+
+@pytest.mark.parametrize("really_delete", [True, False], ids=["deleted-anyway", "not-deleted"])
+def test_failed_runtime_delete_counts_only_when_the_runtime_still_knows_the_container(
+        tmp_path, manager_for, busybox_rootfs, really_delete):
+    wrapper = tmp_path / "fake-runc"
+    wrapper.write_text(FAKE_RUNTIME_FAILING_DELETE.format(
+        really_delete='/usr/sbin/runc "$@" >/dev/null 2>&1' if really_delete else ":"))
+    wrapper.chmod(0o755)
+    manager = manager_for(_config_with(tmp_path, {"runtime_path": str(wrapper)}))
+    container = manager.create(CreateRequest(name="undeletable", spec=default_spec(busybox_rootfs, SLEEP)))
+    manager.start(container)
+    manager.stop(container)
+    if really_delete:
+        manager.remove(container)
+        assert leftovers(manager) == []
+        return
+    with pytest.raises(OciError, match="context deadline exceeded"):
+        manager.remove(container)
+    assert manager.find("undeletable") is not None          # still known, so a later run can retry
+    subprocess.run(["runc", "--root", manager.paths.runtime_root("h"), "delete", "--force", container.id],
+                   check=True)
+    manager.remove(manager.get("undeletable"))
+    assert leftovers(manager) == []
+
+
 def test_duplicate_name_is_refused(manager, busybox_rootfs):
     manager.create(CreateRequest(name="dup", spec=default_spec(busybox_rootfs, SLEEP), handler="runc"))
     with pytest.raises(ContainerExistsError, match="already in use"):
