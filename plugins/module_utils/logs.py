@@ -106,6 +106,19 @@ def _inode(path: str) -> Optional[int]:
         return None
 
 
+def create_private(log_path: str) -> None:
+    """Make the (empty) log file root-only before its writer opens it.
+
+    conmon opens the log with O_APPEND and, since 2.1.10 or so, creates it mode 0640 (Debian 13 and
+    unstable ship such versions); a file that already exists keeps the mode we give it here.
+    """
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def reopen_and_wait(log_path: str, ask_writer: Callable[[], None], writer_name: str) -> None:
     """Ask the log's writer (conmon, or our vm monitor) to reopen the log, and wait until it has.
 
@@ -119,3 +132,4 @@ def reopen_and_wait(log_path: str, ask_writer: Callable[[], None], writer_name: 
         time.sleep(0.01)
     if _inode(log_path) == before:
         raise OciError("{} did not reopen the log {} within {:.0f} s".format(writer_name, log_path, REOPEN_WAIT_SECONDS))
+    os.chmod(log_path, 0o600)   # the writer made the new file; see create_private

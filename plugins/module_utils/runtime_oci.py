@@ -82,6 +82,7 @@ class OciRuntime(RuntimeImpl):
         conmon.require_supported_version(self.snapshot.conmon, self.paths.run_root)
         os.makedirs(self.snapshot.runtime_root, mode=0o700, exist_ok=True)
         options = self._create_options(container)
+        logs.create_private(container.log_path)
         stderr_path = os.path.join(os.path.dirname(container.bundle_path), "conmon.stderr")
         spawned = conmon.spawn_for_create(conmon.create_argv(options), self.snapshot.conmon_env,
                                           container.bundle_path, stderr_path)

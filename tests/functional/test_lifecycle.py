@@ -152,6 +152,7 @@ def test_log_reopen_moves_new_output_to_a_new_file(manager, busybox_rootfs, hand
     first_new = int(open(container.log_path).read().split("tick")[1].split()[0])
     last_old = int(open(container.log_path + ".1").read().rsplit("tick", 1)[1].split()[0])
     assert first_new > last_old
+    assert os.stat(container.log_path).st_mode & 0o777 == 0o600
     manager.stop(container)
 
 
