@@ -401,3 +401,13 @@ def test_interrupted_matrix_stops_every_scenario_and_destroys_it(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [(s["scenario"], s["result"], s["failed_step"]) for s in summary["scenarios"]] == [
         ("vm-bookworm", "interrupted", "create"), ("vm-trixie", "interrupted", "create")]
+
+
+def test_readme_from_an_earlier_summary(tmp_path, capsys):
+    run_matrix.write_summary(tmp_path, [_record(result="pass")], "2026-01-02T03:04:05Z")
+    readme = tmp_path / "README.md"
+    readme.write_text("%s\n%s\n" % (run_matrix.README_BEGIN, run_matrix.README_END))
+    assert run_matrix.readme_from_summary(tmp_path / "summary.json", str(readme)) == 0
+    assert "| vm-bookworm | bookworm | not verified (pass) |" in capsys.readouterr().out
+    assert "_Last run: 2026-01-02T03:04:05Z, scenarios vm-bookworm pass._" in readme.read_text()
+    assert run_matrix.readme_from_summary(tmp_path / "missing.json", None) == 1
