@@ -394,4 +394,3 @@ def _kill_and_reap(spawned: conmon.SpawnedConmon) -> None:
 def _says_missing(result: CompletedCommand) -> bool:
     text = (result.stderr + result.stdout).decode("utf-8", "replace").lower()
     return "does not exist" in text or "not found" in text or "no such" in text
-

@@ -743,4 +743,3 @@ def _remove_namespace_dir_if_empty() -> None:
         os.rmdir(os.path.join(RUNC_SHIM_STATE_ROOT, NAMESPACE))
     except OSError:
         pass
-

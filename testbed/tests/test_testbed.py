@@ -225,6 +225,8 @@ def test_case_labels_tell_platforms_apart():
     assert run_matrix.case_labels("test_x[podman://dloci-tb-bookworm]", platforms) == ("bookworm", None)
     assert run_matrix.case_labels("test_x[ansible://localhost-crun]", {"localhost": "this host"}) == (
         "this host", "crun")
+    assert run_matrix.case_labels("test_kata_is_reported[ansible://localhost]", {"localhost": "h"}) == ("h", "kata")
+    assert run_matrix.case_labels("test_crun_runs[ansible://localhost-runc]", {"localhost": "h"}) == ("h", "runc")
 
 
 def test_missing_or_broken_junit_gives_no_cases(tmp_path):
