@@ -28,7 +28,9 @@ done
 venv=$(bash "$repo/scripts/setup.sh" | tail -n 1) || { echo "setup failed" >&2; exit 1; }
 export PATH="$venv/bin:$PATH"
 export ANSIBLE_COLLECTIONS_PATH
-ANSIBLE_COLLECTIONS_PATH=$(DLOCI_COLLS=/tmp/dloci-colls bash "$repo/scripts/dev-env.sh")
+# the symlink tree that makes this checkout the collection; DLOCI_COLLS lets two checkouts test side by side
+export DLOCI_COLLS=${DLOCI_COLLS:-/tmp/dloci-colls}
+ANSIBLE_COLLECTIONS_PATH=$(bash "$repo/scripts/dev-env.sh")
 export ANSIBLE_NOCOLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0
 logdir=${TEST_LOG_DIR:-/tmp/dloci-test-logs}
 mkdir -p "$logdir"

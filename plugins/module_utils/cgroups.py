@@ -162,9 +162,14 @@ def _make_cgroup(path: str, root: str, created: List[str]) -> None:
 
 
 def _inherit_cpuset(directory: str, name: str) -> None:
-    """Copy a v1 cpuset value from the parent when the child's is empty."""
+    """Copy a v1 cpuset value from the parent when the child's is empty.
+
+    Only cgroup v1 needs this: a v1 cpuset child starts with no cpus and refuses tasks. On v2 an empty
+    value means "the parent's effective set", and the root has no cpuset.cpus to copy from at all
+    (a v2 directory is recognised by its cgroup.controllers file).
+    """
     target = os.path.join(directory, name)
-    if not os.path.exists(target):
+    if not os.path.exists(target) or os.path.exists(os.path.join(directory, "cgroup.controllers")):
         return
     with open(target, "r", encoding="ascii") as handle:
         if handle.read().strip():

@@ -444,7 +444,7 @@ def test_oci_exec_playbook(box):
     with open(path, "w") as handle:
         handle.write(PLAYBOOK.format(config=box.config, run_root=box.manager.paths.run_root,
                                      persist_root=box.manager.paths.persist_root, name=box.container.name))
-    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH="/tmp/dloci-colls", ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=os.environ.get("DLOCI_COLLS", "/tmp/dloci-colls"), ANSIBLE_PYTHON_INTERPRETER="/usr/bin/python3",
                ANSIBLE_NOCOLOR="1", ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0")
     result = subprocess.run([playbook_bin, "-i", "localhost,", path], env=env, cwd=directory,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)

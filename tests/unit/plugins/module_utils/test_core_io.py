@@ -238,3 +238,27 @@ def test_exit_file_finished_is_never_before_started(tmp_path):
     (tmp_path / "exit").write_text("0")
     later = datetime.now(timezone.utc) + timedelta(seconds=5)
     assert conmon.read_exit_file(str(tmp_path / "exit"), not_before=later)[1] == later
+
+
+def _cgroup_tree(root, files):
+    """A stand-in cgroup hierarchy made of plain files (a real one cannot be staged in a unit test)."""
+    for path, content in files.items():
+        full = root / path
+        full.parent.mkdir(parents=True, exist_ok=True)
+        full.write_text(content)
+
+
+def test_new_v1_cpuset_child_inherits_the_parents_cpus(tmp_path):
+    _cgroup_tree(tmp_path, {"cpuset.cpus": "0-1\n", "cpuset.mems": "0\n", "child/cpuset.cpus": "",
+                            "child/cpuset.mems": ""})
+    cgroups._inherit_cpuset(str(tmp_path / "child"), "cpuset.cpus")
+    assert (tmp_path / "child" / "cpuset.cpus").read_text() == "0-1"
+
+
+def test_v2_cpuset_child_is_left_empty_under_a_root_without_cpuset_files(tmp_path):
+    """cgroup v2 (the Debian 12 and 13 VMs): the root has no cpuset.cpus; the child's empty value means the
+    parent's effective set, so there is nothing to copy and nothing to fail on."""
+    _cgroup_tree(tmp_path, {"cgroup.controllers": "cpuset cpu memory pids\n", "child/cgroup.controllers": "",
+                            "child/cpuset.cpus": ""})
+    cgroups._inherit_cpuset(str(tmp_path / "child"), "cpuset.cpus")
+    assert (tmp_path / "child" / "cpuset.cpus").read_text() == ""
