@@ -30,7 +30,8 @@ export PATH="$venv/bin:$PATH"
 export ANSIBLE_COLLECTIONS_PATH
 # the symlink tree that makes this checkout the collection; DLOCI_COLLS lets two checkouts test side by side
 export DLOCI_COLLS=${DLOCI_COLLS:-/tmp/dloci-colls}
-ANSIBLE_COLLECTIONS_PATH=$(bash "$repo/scripts/dev-env.sh")
+# plus containers.podman (setup.sh), which molecule's podman driver looks for in this process's own path
+ANSIBLE_COLLECTIONS_PATH="$(bash "$repo/scripts/dev-env.sh"):/var/cache/daemonless-oci/collections"
 export ANSIBLE_NOCOLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0
 logdir=${TEST_LOG_DIR:-/tmp/dloci-test-logs}
 mkdir -p "$logdir"
